@@ -1,0 +1,405 @@
+"""The training stream: shards → decoded, flipped, normalised batches, per rank and per DataLoader worker, resumable.
+
+``build_stream(spec, batch_size=..., rank=..., world_size=..., num_workers=..., seed=...)`` returns a
+:class:`ShardStream`. Iterating it yields ``(x, y)`` forever, epoch after epoch:
+
+* x float32 ``[B, C, H, W]``: images scaled to [-1, 1], or latents ``(z - shift) * scale`` with the manifest's
+  shift/scale, where z is a fresh posterior sample ``mean + std * eps`` (``stored == "mean_std"``) or the stored
+  sample; y int64 ``[B]`` (zeros when unconditional).
+* The batch sequence is a pure function of (seed, manifest counts, rank, world size, batch size, mode, shuffle
+  buffer), see :mod:`data_pipeline.order`: flips are a function of (seed, epoch, sample id), latent noise of
+  (seed, epoch, rank, batch). Workers split a rank's batches round-robin (worker w makes batches w, w+W, ...), which
+  is the order in which the DataLoader returns them, so the stream is identical for any ``num_workers`` and
+  ``position()`` (the number of batches consumed) continues it exactly.
+* Every rank yields ``batches_per_epoch`` batches per epoch. Fewer shards than ranks × workers needs no fallback:
+  ranks split samples, not shards, and workers split batches.
+* A corrupt or missing sample (unreadable member, truncated tar) is replaced by a readable sample of the same
+  batch (if none, by the next readable sample of the epoch order) and counted in ``corrupt_count``; a stream
+  with no readable sample at all raises :class:`NoReadableSamplesError` naming the shards.
+"""
+from __future__ import annotations
+
+import ast
+import logging
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import order as order_mod
+from .imaging import IMAGE_EXTS, decode_to_array
+from .manifest import ManifestError, load_spec
+from .tario import ShardReader
+
+log = logging.getLogger(__name__)
+
+POSITION_VERSION = 1
+_POSITION_KEYS = ("seed", "world_size", "batch_size", "mode", "total", "shuffle_buffer", "flip")
+
+
+class NoReadableSamplesError(RuntimeError):
+    """Every sample a rank tried to read was corrupt."""
+
+
+# ------------------------------------------------------------------------------------------------ decoders
+def _npy_header(head: bytes) -> Tuple[int, np.dtype, Tuple[int, ...]]:
+    """(data offset, dtype, shape) of the .npy file starting with ``head``; raises ValueError if malformed."""
+    if len(head) < 10 or head[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy member")
+    if head[6] == 1:
+        hlen, start = int.from_bytes(head[8:10], "little"), 10
+    else:
+        hlen, start = int.from_bytes(head[8:12], "little"), 12
+    if start + hlen > len(head):
+        raise ValueError("truncated .npy header")
+    d = ast.literal_eval(head[start:start + hlen].decode("latin1"))
+    if not isinstance(d, dict) or d.get("fortran_order"):
+        raise ValueError("unsupported .npy header")
+    return start + hlen, np.dtype(d["descr"]), tuple(d["shape"])
+
+
+class _Decoder:
+    """Reads one sample (payload + label) from a shard; subclasses assemble batches."""
+
+    def __init__(self, manifest: Dict[str, Any]):
+        self.num_classes = len(manifest["class_names"])
+
+    def label(self, reader: ShardReader, members: Dict[str, Tuple[int, int]], shard: int) -> int:
+        loc = members.get("cls")
+        if loc is None:
+            if self.num_classes == 0:
+                return 0
+            raise ValueError("missing .cls member")
+        y = int(reader.read(shard, loc[0], loc[1]))
+        if self.num_classes and not 0 <= y < self.num_classes:
+            raise ValueError(f"label {y} outside [0, {self.num_classes})")
+        return y if self.num_classes else 0
+
+    def invalid_rows(self, batch: np.ndarray) -> np.ndarray:
+        """Rows of a filled batch that must be treated as corrupt (none by default)."""
+        return np.zeros(len(batch), dtype=bool)
+
+
+class _ImageDecoder(_Decoder):
+    def __init__(self, manifest: Dict[str, Any]):
+        super().__init__(manifest)
+        self.size = int(manifest["image_size"])
+        self.channels = int(manifest["channels"])
+        first = manifest.get("image_format", "png")
+        self.exts = (first,) + tuple(e for e in IMAGE_EXTS if e != first)
+
+    def new_batch(self, n: int) -> np.ndarray:
+        return np.empty((n, self.size, self.size, self.channels), dtype=np.uint8)
+
+    def read(self, reader: ShardReader, shard: int, members: Dict[str, Tuple[int, int]], flip: bool,
+             out: np.ndarray, i: int) -> None:
+        loc = next((members[e] for e in self.exts if e in members), None)
+        if loc is None:
+            raise ValueError("no image member")
+        arr = decode_to_array(reader.read(shard, loc[0], loc[1]), self.channels, self.size)
+        out[i] = arr[:, ::-1] if flip else arr
+
+    def finish(self, batch: np.ndarray, noise_seed: int) -> torch.Tensor:
+        # numpy, not torch: small tensor ops through torch's thread pool cost milliseconds on a busy CPU
+        x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+        x /= np.float32(127.5)
+        x -= np.float32(1.0)
+        return torch.from_numpy(x)
+
+
+class _LatentDecoder(_Decoder):
+    def __init__(self, manifest: Dict[str, Any]):
+        super().__init__(manifest)
+        lat = manifest["latent"]
+        self.shape = tuple(int(s) for s in lat["shape"])
+        self.stored = lat["stored"]
+        if self.stored not in ("mean_std", "sample"):
+            raise ManifestError(f"latent.stored must be 'mean_std' or 'sample', got {self.stored!r}")
+        # per sample: [2 twins (image, hflip), 2 (mean, std), C, H, W] or [2 twins, C, H, W]
+        self.sample_shape = (2, 2) + self.shape if self.stored == "mean_std" else (2,) + self.shape
+        c = self.shape[0]
+        self.shift = np.asarray(lat["shift"], dtype=np.float32).reshape(c, 1, 1)
+        self.scale = np.asarray(lat["scale"], dtype=np.float32).reshape(c, 1, 1)
+        self.dtype = np.dtype(lat.get("dtype", "float16"))
+        self.twin_bytes = int(np.prod(self.sample_shape[1:])) * self.dtype.itemsize
+        self._shard_header: Dict[int, Tuple[bytes, int]] = {}  # shard -> (header bytes, data offset)
+
+    def new_batch(self, n: int) -> np.ndarray:
+        return np.empty((n,) + self.sample_shape[1:], dtype=self.dtype)
+
+    def _header(self, reader: ShardReader, shard: int, off: int, size: int) -> Tuple[bytes, int]:
+        data_off, dtype, shape = _npy_header(reader.read(shard, off, min(size, 4096)))
+        if dtype != self.dtype or shape != self.sample_shape:
+            raise ValueError(f"latent {dtype}{list(shape)}, the manifest says {self.dtype}{list(self.sample_shape)}")
+        if size != data_off + 2 * self.twin_bytes:
+            raise ValueError(f"latent member of {size} bytes, expected {data_off + 2 * self.twin_bytes}")
+        return reader.read(shard, off, data_off), data_off
+
+    def read(self, reader: ShardReader, shard: int, members: Dict[str, Tuple[int, int]], flip: bool,
+             out: np.ndarray, i: int) -> None:
+        loc = members.get("npy")
+        if loc is None:
+            raise ValueError("no .npy member")
+        off, size = loc
+        known = self._shard_header.get(shard)
+        if known is None:  # learn the shard's (identical) .npy header once, then only compare bytes
+            if len(self._shard_header) > 4096:
+                self._shard_header.clear()
+            known = self._shard_header[shard] = self._header(reader, shard, off, size)
+        header, data_off = known
+        if size != data_off + 2 * self.twin_bytes or reader.read(shard, off, data_off) != header:
+            _, data_off = self._header(reader, shard, off, size)  # an unusual but maybe valid header
+        reader.read_into(shard, off + data_off + int(flip) * self.twin_bytes, memoryview(out[i]).cast("B"))
+
+    def invalid_rows(self, batch: np.ndarray) -> np.ndarray:
+        return ~np.isfinite(batch.reshape(len(batch), -1)).all(axis=1)
+
+    def finish(self, batch: np.ndarray, noise_seed: int) -> torch.Tensor:
+        if self.stored == "mean_std":
+            g = torch.Generator().manual_seed(noise_seed)
+            z = torch.randn((batch.shape[0],) + self.shape, generator=g).numpy()
+            z *= batch[:, 1]
+            z += batch[:, 0]
+        else:
+            z = batch.astype(np.float32)
+        z -= self.shift
+        z *= self.scale
+        return torch.from_numpy(z)
+
+
+# ------------------------------------------------------------------------------------------------ batches
+class BatchMaker:
+    """Makes batch number ``g`` of the stream (counted over all epochs) from scratch: any process, any order."""
+
+    def __init__(self, manifest: Dict[str, Any], paths: List[str], *, seed: int, rank: int, world_size: int,
+                 batch_size: int, mode: str, shuffle_buffer: int, flip: bool):
+        self.manifest = manifest
+        self.paths = paths
+        self.counts = np.array([s["num_samples"] for s in manifest["shards"]], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+        self.total = int(self.counts.sum())
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.batch_size, self.mode, self.shuffle_buffer, self.flip = batch_size, mode, shuffle_buffer, flip
+        self.batches_per_epoch = order_mod.batches_per_epoch(self.total, world_size, batch_size)
+        self.reader = ShardReader(paths)
+        self.decoder = _ImageDecoder(manifest) if manifest["kind"] == "image" else _LatentDecoder(manifest)
+        self._cached_epoch: Optional[int] = None
+        self._cached_order: Optional[np.ndarray] = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Global sample ids of this rank's epoch, in batch order (cached for the current epoch)."""
+        if self._cached_epoch != epoch:
+            self._cached_order = order_mod.epoch_order(
+                self.counts, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
+                batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer, mode=self.mode)
+            self._cached_epoch = epoch
+        return self._cached_order
+
+    def prepare(self, epoch: int) -> None:
+        """Compute the epoch order and index the shards it reads (up to the index cache size), so DataLoader
+        workers forked afterwards inherit them instead of each repeating the work."""
+        shards = self._locate(self.order(epoch))[0]
+        _, first = np.unique(shards, return_index=True)
+        for shard in shards[np.sort(first)][:self.reader.max_indexed].tolist():  # in the order they are read
+            self.reader.index(shard)
+
+    def _locate(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        shard = np.searchsorted(self.offsets, ids, side="right") - 1
+        return shard, ids - self.offsets[shard]
+
+    def _read_one(self, gid: int, shard: int, idx: int, flip: bool, out: np.ndarray, i: int) -> Optional[int]:
+        """Decode one sample into ``out[i]``; its label, or None if it is corrupt (logged)."""
+        try:
+            index = self.reader.index(shard)
+            if idx >= len(index.samples):
+                raise ValueError("missing from the tar (truncated or damaged shard)")
+            members = index.samples[idx]
+            label = self.decoder.label(self.reader, members, shard)
+            self.decoder.read(self.reader, shard, members, flip, out, i)
+            return label
+        except Exception as err:  # any decode failure is a corrupt sample, never a crash
+            log.warning("%s: sample %d unreadable, skipped (%s)", os.path.basename(self.paths[shard]), idx, err)
+            return None
+
+    def batch(self, g: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """(x, y, number of corrupt samples replaced) of batch ``g``."""
+        epoch, j = divmod(g, self.batches_per_epoch)
+        order = self.order(epoch)
+        b = self.batch_size
+        ids = order[j * b:(j + 1) * b]
+        flips = order_mod.flip_bits(self.seed, epoch, ids) if self.flip else np.zeros(len(ids), dtype=bool)
+        shards, idxs = self._locate(ids)
+        self.reader.enter_process()
+        out = self.decoder.new_batch(b)
+        labels = np.zeros(b, dtype=np.int64)
+        good: List[int] = []
+        for i in range(b):
+            y = self._read_one(int(ids[i]), int(shards[i]), int(idxs[i]), bool(flips[i]), out, i)
+            if y is not None:
+                labels[i] = y
+                good.append(i)
+        invalid = self.decoder.invalid_rows(out)
+        if invalid[good].any():
+            for i in [i for i in good if invalid[i]]:
+                log.warning("%s: sample %d has non-finite values, skipped",
+                            os.path.basename(self.paths[shards[i]]), idxs[i])
+            good = [i for i in good if not invalid[i]]
+        corrupt = b - len(good)
+        if corrupt:
+            if not good:
+                self._rescue(epoch, j, out, labels)
+                good = [0]
+            good_set = set(good)
+            for n, i in enumerate(k for k in range(b) if k not in good_set):
+                src = good[n % len(good)]
+                out[i] = out[src]
+                labels[i] = labels[src]
+        x = self.decoder.finish(out, order_mod.noise_seed(self.seed, epoch, self.rank, j))
+        return x, torch.from_numpy(labels), corrupt
+
+    def _rescue(self, epoch: int, j: int, out: np.ndarray, labels: np.ndarray) -> None:
+        """Fill slot 0 with the next readable sample of the epoch order after batch j, or raise."""
+        order = self.order(epoch)
+        b, n = self.batch_size, len(order)
+        for k in range(n):
+            gid = int(order[((j + 1) * b + k) % n])
+            shard, idx = self._locate(np.array([gid]))
+            flip = bool(order_mod.flip_bits(self.seed, epoch, np.array([gid]))[0]) if self.flip else False
+            y = self._read_one(gid, int(shard[0]), int(idx[0]), flip, out, 0)
+            if y is not None and not self.decoder.invalid_rows(out[:1])[0]:
+                labels[0] = y
+                return
+        names = sorted({os.path.basename(self.paths[s]) for s in self._locate(order)[0].tolist()})
+        raise NoReadableSamplesError(
+            f"rank {self.rank}: no readable sample in {len(names)} shard(s) {', '.join(names[:10])}"
+            f"{' ...' if len(names) > 10 else ''} (all {n} samples of epoch {epoch} are corrupt)")
+
+
+class _BatchDataset(IterableDataset):
+    """Batches start, start+1, ... of a BatchMaker, split round-robin over DataLoader workers."""
+
+    def __init__(self, maker: BatchMaker, start: int):
+        super().__init__()
+        self.maker = maker
+        self.start = start
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        g = self.start + wid
+        while True:
+            yield self.maker.batch(g)
+            g += nw
+
+
+# ------------------------------------------------------------------------------------------------ stream
+class ShardStream:
+    """An endless, resumable stream of ``(x, y)`` batches for one rank (see module docstring)."""
+
+    def __init__(self, manifest: Dict[str, Any], paths: List[str], *, batch_size: int, rank: int,
+                 world_size: int, num_workers: int, seed: int, mode: str, shuffle_buffer: int, flip: bool,
+                 position: Optional[Dict[str, Any]] = None, pin_memory: bool = False, prefetch_factor: int = 2):
+        self.manifest = manifest
+        self.maker = BatchMaker(manifest, paths, seed=seed, rank=rank, world_size=world_size,
+                                batch_size=batch_size, mode=mode, shuffle_buffer=shuffle_buffer, flip=flip)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers, self.seed, self.mode = num_workers, seed, mode
+        self.shuffle_buffer, self.flip = shuffle_buffer, flip
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.batches_per_epoch = self.maker.batches_per_epoch
+        self.total = self.maker.total
+        self._consumed = 0
+        self.corrupt_count = 0
+        self._loader_iter = None
+        if position is not None:
+            self._restore(position)
+
+    # -- bookkeeping
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch (= epochs completed)."""
+        return self._consumed // self.batches_per_epoch
+
+    @property
+    def batch_in_epoch(self) -> int:
+        """Batches of the current epoch already consumed."""
+        return self._consumed % self.batches_per_epoch
+
+    def _settings(self) -> Dict[str, Any]:
+        return {"seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size,
+                "mode": self.mode, "total": self.total, "shuffle_buffer": self.shuffle_buffer, "flip": self.flip}
+
+    def position(self) -> Dict[str, Any]:
+        """JSON-able position after the batches consumed so far; ``build_stream(..., position=p)`` continues here."""
+        return {"version": POSITION_VERSION, "batches": self._consumed, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "corrupt_count": self.corrupt_count, "rank": self.rank,
+                **self._settings()}
+
+    def _restore(self, pos: Dict[str, Any]) -> None:
+        if not isinstance(pos, dict) or pos.get("version") != POSITION_VERSION or "batches" not in pos:
+            raise ValueError(f"not a loader position (version {POSITION_VERSION}): {str(pos)[:200]}")
+        mine = self._settings()
+        for key in _POSITION_KEYS:
+            if pos.get(key) != mine[key]:
+                raise ValueError(f"loader position was saved with {key}={pos.get(key)!r}, this stream has "
+                                 f"{key}={mine[key]!r}: cannot continue it exactly")
+        self._consumed = int(pos["batches"])
+        self.corrupt_count = int(pos.get("corrupt_count", 0))
+
+    # -- iteration
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Yield batches forever from the current position (one active iterator per stream)."""
+        self.close()
+        if self.num_workers == 0:
+            while True:
+                x, y, bad = self.maker.batch(self._consumed)
+                self._consumed += 1
+                self.corrupt_count += bad
+                yield x, y
+        self.maker.prepare(self.epoch)
+        loader = DataLoader(_BatchDataset(self.maker, self._consumed), batch_size=None,
+                            num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            prefetch_factor=self.prefetch_factor)
+        self._loader_iter = iter(loader)
+        for x, y, bad in self._loader_iter:
+            self._consumed += 1
+            self.corrupt_count += int(bad)
+            yield x, y
+
+    def close(self) -> None:
+        """Stop DataLoader workers (they are restarted by the next ``iter()``)."""
+        it, self._loader_iter = self._loader_iter, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def build_stream(spec: str | os.PathLike, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, seed: int = 0, mode: str = "exact", shuffle_buffer: int = 1000,
+                 flip: bool = True, position: Optional[Dict[str, Any]] = None, pin_memory: bool = False,
+                 prefetch_factor: int = 2) -> ShardStream:
+    """The training stream of shard spec ``spec`` (a directory with manifest.json, a manifest path, or a brace
+    pattern of shards) for ``rank`` of ``world_size``; see the module docstring for the guarantees."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if mode not in ("exact", "resampled"):
+        raise ValueError(f"mode must be 'exact' or 'resampled', got {mode!r}")
+    manifest, paths = load_spec(spec)
+    bpe = order_mod.batches_per_epoch(manifest["total"], world_size, batch_size)
+    if bpe < 1:
+        raise ManifestError(f"{spec}: {manifest['total']} samples cannot give each of {world_size} ranks one batch "
+                            f"of {batch_size}")
+    return ShardStream(manifest, paths, batch_size=batch_size, rank=rank, world_size=world_size,
+                       num_workers=num_workers, seed=seed, mode=mode, shuffle_buffer=shuffle_buffer, flip=flip,
+                       position=position, pin_memory=pin_memory, prefetch_factor=prefetch_factor)

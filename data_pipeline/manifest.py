@@ -1,0 +1,178 @@
+"""The shard manifest: reading a shard spec, atomic JSON writes, and merging per-rank partial manifests.
+
+A shard directory holds ``NAME-%06d.tar`` files and ``manifest.json`` (see docs/ARCHITECTURE.md "Shards"). Several
+writer ranks each write their own shards plus a partial manifest ``.partial-rank%05d-of-%05d.json``; rank 0 waits
+for all partials of the same run (same ``signature``), merges them into ``manifest.json`` (written last, atomically)
+and deletes the partials. No two ranks ever write the same file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+REQUIRED_KEYS = ("kind", "shards", "total", "image_size", "channels", "class_names")
+
+
+class ManifestError(ValueError):
+    """A shard spec or manifest that cannot be used, described in one line naming the file and key."""
+
+
+def shard_name(prefix: str, index: int) -> str:
+    """File name of shard ``index``: ``PREFIX-%06d.tar``."""
+    return f"{prefix}-{index:06d}.tar"
+
+
+def command_line() -> str:
+    """The exact command that started this process, shell-quoted (recorded in manifests)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    exe = "python" if argv0.endswith(".py") else ""
+    return " ".join([exe] * bool(exe) + [shlex.quote(a) for a in sys.argv])
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _expand_braces(pattern: str) -> List[str]:
+    import braceexpand  # a webdataset dependency
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def load_spec(spec: str | os.PathLike) -> Tuple[Dict[str, Any], List[str]]:
+    """(manifest, shard paths) for a shard spec: a directory holding manifest.json, a manifest path, or a brace
+    pattern of shard paths (``dir/train-{000000..000009}.tar``) whose directory holds the manifest.
+
+    With a brace pattern the manifest is restricted to the named shards (``total`` recomputed).
+    """
+    spec = os.fspath(spec)
+    p = Path(spec)
+    subset: Optional[List[str]] = None
+    if p.is_dir():
+        mpath = p / MANIFEST_NAME
+    elif p.name == MANIFEST_NAME or (p.suffix == ".json" and p.is_file()):
+        mpath = p
+    else:
+        names = _expand_braces(spec)
+        dirs = {str(Path(n).parent) for n in names}
+        if len(dirs) != 1:
+            raise ManifestError(f"{spec}: a brace pattern must name shards of one directory, got {sorted(dirs)}")
+        mpath = Path(dirs.pop()) / MANIFEST_NAME
+        subset = [Path(n).name for n in names]
+    if not mpath.is_file():
+        raise ManifestError(f"{mpath}: no manifest (shards are read through their manifest.json; was the "
+                            "writer interrupted?)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as err:
+        raise ManifestError(f"{mpath}: unreadable manifest ({err})") from None
+    validate_manifest(manifest, str(mpath))
+    if subset is not None:
+        by_name = {s["name"]: s for s in manifest["shards"]}
+        missing = [n for n in subset if n not in by_name]
+        if missing:
+            raise ManifestError(f"{mpath}: shards {missing[:3]} of {spec} are not in the manifest")
+        manifest = dict(manifest, shards=[by_name[n] for n in subset])
+        manifest["total"] = sum(s["num_samples"] for s in manifest["shards"])
+    paths = [str(mpath.parent / s["name"]) for s in manifest["shards"]]
+    return manifest, paths
+
+
+def validate_manifest(manifest: Any, where: str) -> None:
+    """Raise ManifestError naming ``where`` and the key if ``manifest`` lacks a required field."""
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{where}: a manifest must be a JSON object")
+    for key in REQUIRED_KEYS:
+        if key not in manifest:
+            raise ManifestError(f"{where}: missing key '{key}'")
+    if manifest["kind"] not in ("image", "latent"):
+        raise ManifestError(f"{where}: kind must be 'image' or 'latent', got {manifest['kind']!r}")
+    if manifest["kind"] == "latent":
+        lat = manifest.get("latent")
+        for key in ("shape", "shift", "scale", "stored"):
+            if not isinstance(lat, dict) or key not in lat:
+                raise ManifestError(f"{where}: missing key 'latent.{key}'")
+    for i, s in enumerate(manifest["shards"]):
+        if not isinstance(s, dict) or "name" not in s or "num_samples" not in s:
+            raise ManifestError(f"{where}: shards[{i}] needs 'name' and 'num_samples'")
+    if sum(s["num_samples"] for s in manifest["shards"]) != manifest["total"]:
+        raise ManifestError(f"{where}: 'total' does not equal the sum of the shards' num_samples")
+
+
+# ------------------------------------------------------------------------------------------ partial manifests
+def partial_path(out_dir: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """Where rank ``rank`` of ``world_size`` writes its partial manifest."""
+    return Path(out_dir) / f".partial-rank{rank:05d}-of-{world_size:05d}.json"
+
+
+def write_partial(out_dir: str | os.PathLike, rank: int, world_size: int, signature: Dict[str, Any],
+                  body: Dict[str, Any]) -> Path:
+    """Atomically write this rank's partial manifest (``body`` plus the run ``signature``)."""
+    path = partial_path(out_dir, rank, world_size)
+    write_json_atomic(path, {"signature": signature, "rank": rank, "world_size": world_size, **body})
+    return path
+
+
+def clear_stale(out_dir: str | os.PathLike, rank: int, world_size: int) -> None:
+    """Before writing: remove this rank's old partial, and on rank 0 the old manifest (a crashed rerun must not
+    leave a manifest that claims shards which are being rewritten)."""
+    partial_path(out_dir, rank, world_size).unlink(missing_ok=True)
+    if rank == 0:
+        (Path(out_dir) / MANIFEST_NAME).unlink(missing_ok=True)
+
+
+def gather_partials(out_dir: str | os.PathLike, world_size: int, signature: Dict[str, Any],
+                    timeout: float = 24 * 3600.0, poll: float = 0.5) -> List[Dict[str, Any]]:
+    """Wait until every rank's partial manifest with ``signature`` exists; return them ordered by rank."""
+    deadline = time.monotonic() + timeout
+    found: Dict[int, Dict[str, Any]] = {}
+    while True:
+        for r in range(world_size):
+            if r in found:
+                continue
+            p = partial_path(out_dir, r, world_size)
+            try:
+                data = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if data.get("signature") == signature:
+                found[r] = data
+        if len(found) == world_size:
+            return [found[r] for r in range(world_size)]
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(world_size)) - set(found))
+            raise TimeoutError(f"{out_dir}: ranks {missing} did not write their partial manifest within "
+                               f"{timeout:.0f}s")
+        time.sleep(poll)
+
+
+def finish_manifest(out_dir: str | os.PathLike, rank: int, world_size: int, signature: Dict[str, Any],
+                    body: Dict[str, Any], merge: Callable[[Sequence[Dict[str, Any]]], Dict[str, Any]],
+                    timeout: float = 24 * 3600.0) -> Optional[Dict[str, Any]]:
+    """Write this rank's partial; on rank 0 also wait for all partials, write the merged manifest (atomically,
+    last) and remove the partials. Returns the merged manifest on rank 0, else None."""
+    write_partial(out_dir, rank, world_size, signature, body)
+    if rank != 0:
+        return None
+    parts = gather_partials(out_dir, world_size, signature, timeout=timeout)
+    manifest = merge(parts)
+    write_json_atomic(Path(out_dir) / MANIFEST_NAME, manifest)
+    for r in range(world_size):
+        partial_path(out_dir, r, world_size).unlink(missing_ok=True)
+    return manifest

@@ -1,0 +1,256 @@
+"""Webdataset-format tar shards: an atomic writer and a random-access reader.
+
+A sample is a run of consecutive members sharing a key (``000123.png``, ``000123.cls``), as webdataset expects, so
+the shards stay readable by ``webdataset.WebDataset``. The reader indexes a shard's member offsets once (headers
+only, no payload is read) and then serves any sample by slicing a memory map of the uncompressed tar: skipping
+samples costs nothing, which is what makes resuming exact and cheap.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import mmap
+import os
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
+
+log = logging.getLogger(__name__)
+
+
+def split_key(member_name: str) -> Tuple[str, str]:
+    """(key, extension) of a member name the webdataset way: the extension starts at the first dot of the basename."""
+    slash = member_name.rfind("/")
+    dot = member_name.find(".", slash + 1)
+    if dot < 0:
+        return member_name, ""
+    return member_name[:dot], member_name[dot + 1:]
+
+
+class ShardWriter:
+    """Write one tar shard under a temporary name; ``close()`` renames it into place (``abort()`` removes it)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._file = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.num_samples = 0
+
+    def write(self, key: str, members: Mapping[str, bytes]) -> None:
+        """Append one sample: ``members`` maps extension ("png", "cls", "npy") to the member's bytes."""
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mode = 0o444
+            info.mtime = 0  # reproducible shards
+            self._tar.addfile(info, io.BytesIO(data))
+        self.num_samples += 1
+
+    def close(self) -> Path:
+        """Finish the tar and atomically move it to its final name."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        try:
+            self._tar.close()
+            self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+@dataclass
+class ShardIndex:
+    """Member offsets of one shard: ``samples[i]`` maps extension → (data offset, size) for the i-th key."""
+
+    path: str
+    keys: List[str] = field(default_factory=list)
+    samples: List[Dict[str, Tuple[int, int]]] = field(default_factory=list)
+    damaged: bool = False  # the tar ended early or had an unreadable header
+
+
+_BLOCK = 512
+
+
+class _NeedsTarfile(Exception):
+    """A header type the fast parser leaves to the tarfile module (pax, GNU long names, sparse files)."""
+
+
+def _add_member(idx: ShardIndex, name: str, offset: int, size: int) -> None:
+    key, ext = split_key(name)
+    if not idx.keys or idx.keys[-1] != key:
+        idx.keys.append(key)
+        idx.samples.append({})
+    idx.samples[-1][ext] = (offset, size)
+
+
+def _fast_index(path: str, idx: ShardIndex) -> None:
+    """Parse plain ustar/GNU headers straight from a memory map (about 10x faster than tarfile.next)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            idx.damaged = True
+            return
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        off = 0
+        while True:
+            if off + _BLOCK > size:
+                if off < size or off == 0:
+                    idx.damaged = True
+                break
+            hdr = buf[off:off + _BLOCK]
+            if hdr.count(0) == _BLOCK:  # end-of-archive marker
+                break
+            try:
+                want = int(hdr[148:156].replace(b"\0", b" ").strip() or b"0", 8)
+            except ValueError:
+                want = -1
+            if want != sum(hdr) - sum(hdr[148:156]) + 8 * 32:
+                log.warning("%s: bad tar header checksum at byte %d", path, off)
+                idx.damaged = True
+                break
+            typeflag = hdr[156:157]
+            if typeflag not in (b"0", b"\0", b"5", b"1", b"2", b"3", b"4", b"6", b"7"):
+                raise _NeedsTarfile()
+            raw_size = hdr[124:136]
+            if raw_size[0] & 0x80:
+                raise _NeedsTarfile()
+            msize = int(raw_size.replace(b"\0", b" ").strip() or b"0", 8)
+            name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if hdr[257:263] == b"ustar\x00":
+                prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+                if prefix:
+                    name = prefix + "/" + name
+            data = off + _BLOCK
+            if data + msize > size:
+                log.warning("%s: truncated inside member %s", path, name)
+                idx.damaged = True
+                break
+            if typeflag in (b"0", b"\0", b"7"):
+                _add_member(idx, name, data, msize)
+            off = data + (msize + _BLOCK - 1) // _BLOCK * _BLOCK
+    finally:
+        buf.close()
+
+
+def _tarfile_index(path: str, idx: ShardIndex) -> None:
+    size = os.path.getsize(path)
+    with tarfile.open(path, mode="r:") as tf:
+        while True:
+            try:
+                info = tf.next()
+            except (OSError, tarfile.TarError, EOFError) as err:
+                log.warning("%s: damaged after %d samples (%s)", path, len(idx.keys), err)
+                idx.damaged = True
+                break
+            if info is None:
+                break
+            if not info.isfile():
+                continue
+            if info.offset_data + info.size > size:
+                log.warning("%s: truncated inside member %s", path, info.name)
+                idx.damaged = True
+                break
+            _add_member(idx, info.name, info.offset_data, info.size)
+        tf.members = []
+
+
+def index_tar(path: str) -> ShardIndex:
+    """Index a tar's samples from its headers. A truncated or damaged tar yields the samples before the damage
+    (with ``damaged=True``); an unreadable file yields none."""
+    idx = ShardIndex(path)
+    try:
+        try:
+            _fast_index(path, idx)
+        except _NeedsTarfile:
+            idx = ShardIndex(path)
+            _tarfile_index(path, idx)
+    except (OSError, ValueError, tarfile.TarError, EOFError) as err:
+        log.warning("%s: unreadable shard (%s)", path, err)
+        idx.damaged = True
+    return idx
+
+
+class ShardReader:
+    """Random access to samples of a list of shards: cached indexes and open file descriptors (LRU), ``pread``.
+
+    Safe to copy into DataLoader workers: descriptors belong to the process that opened them. Call
+    :meth:`enter_process` once before a run of reads (the per-read methods skip the check for speed).
+    """
+
+    def __init__(self, paths: List[str], max_open: int = 64, max_indexed: int = 256):
+        self.paths = list(paths)
+        self.max_open = max_open
+        self.max_indexed = max_indexed
+        self._pid = os.getpid()
+        self._fds: "OrderedDict[int, int]" = OrderedDict()
+        self._indexes: "OrderedDict[int, ShardIndex]" = OrderedDict()
+
+    def enter_process(self) -> None:
+        """Forget descriptors inherited through fork (indexes stay valid: they are plain data)."""
+        if self._pid != os.getpid():
+            self._fds = OrderedDict()
+            self._pid = os.getpid()
+
+    def index(self, shard: int) -> ShardIndex:
+        """The (cached) index of shard number ``shard``."""
+        idx = self._indexes.get(shard)
+        if idx is None:
+            idx = index_tar(self.paths[shard])
+            self._indexes[shard] = idx
+            if len(self._indexes) > self.max_indexed:
+                self._indexes.popitem(last=False)
+        else:
+            self._indexes.move_to_end(shard)
+        return idx
+
+    def fd(self, shard: int) -> int:
+        """An open read-only descriptor of the shard (raises OSError if it cannot be opened)."""
+        fd = self._fds.get(shard)
+        if fd is not None:
+            self._fds.move_to_end(shard)
+            return fd
+        fd = os.open(self.paths[shard], os.O_RDONLY)
+        self._fds[shard] = fd
+        if len(self._fds) > self.max_open:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def read(self, shard: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of the shard; raises ValueError if the file is shorter."""
+        data = os.pread(self.fd(shard), size, offset)
+        if len(data) != size:
+            raise ValueError(f"short read at byte {offset}")
+        return data
+
+    def read_into(self, shard: int, offset: int, out: memoryview) -> None:
+        """Fill the writable buffer ``out`` from ``offset`` (no intermediate copy)."""
+        if os.preadv(self.fd(shard), [out], offset) != len(out):
+            raise ValueError(f"short read at byte {offset}")
+
+    def close(self) -> None:
+        """Close the descriptors this process opened."""
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds.clear()
+        self._indexes.clear()

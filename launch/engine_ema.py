@@ -1,0 +1,82 @@
+"""EMA of a DeepSpeed-wrapped model's weights, correct for every ZeRO stage.
+
+Stages 0-2 keep full parameters on every rank, so each rank keeps the same full fp32 EMA. Under ZeRO-3 a rank
+only holds its partition (`param.ds_tensor`): each rank averages its own partition, which costs no communication
+per step, and the full EMA is gathered only when it is saved or sampled from.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dit.ema import update_ema
+
+
+def _is_zero3_param(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_tensor") and hasattr(p, "ds_numel")
+
+
+class EngineEMA:
+    """fp32 exponential moving average of `module`'s named parameters (ZeRO-3 aware)."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.names = [n for n, _ in module.named_parameters()]
+        self.params = [p for _, p in module.named_parameters()]
+        self.partitioned = any(_is_zero3_param(p) for p in self.params)
+        with torch.no_grad():
+            self.shadow = [self._local(p).detach().float().clone() for p in self.params]
+
+    def _local(self, p: torch.Tensor) -> torch.Tensor:
+        return p.ds_tensor if self.partitioned else p
+
+    @torch.no_grad()
+    def update(self, decay: Optional[float] = None) -> None:
+        """Fold the current weights into the average (call after every applied optimizer step)."""
+        update_ema(self.shadow, [self._local(p).detach() for p in self.params],
+                   self.decay if decay is None else decay)
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full EMA weights on CPU (collective under ZeRO-3: call on every rank)."""
+        if not self.partitioned:
+            return {n: s.detach().cpu().clone() for n, s in zip(self.names, self.shadow)}
+        world = dist.get_world_size()
+        out = {}
+        for name, p, part in zip(self.names, self.params, self.shadow):
+            pieces = [torch.empty_like(part) for _ in range(world)]
+            dist.all_gather(pieces, part.contiguous())
+            out[name] = torch.cat(pieces)[: p.ds_numel].view(p.ds_shape).cpu().clone()
+        return out
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the average from full weights (each ZeRO-3 rank keeps its own slice)."""
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[0]}")
+        rank = dist.get_rank() if self.partitioned else 0
+        for name, p, shadow in zip(self.names, self.params, self.shadow):
+            full = state[name].to(device=shadow.device, dtype=torch.float32)
+            if self.partitioned:
+                flat = full.flatten()
+                size = shadow.numel()
+                lo = rank * size
+                chunk = flat[lo: lo + size]
+                shadow.zero_()
+                shadow[: chunk.numel()].copy_(chunk)
+            else:
+                if full.shape != shadow.shape:
+                    raise ValueError(f"EMA tensor {name}: shape {tuple(full.shape)} != {tuple(shadow.shape)}")
+                shadow.copy_(full)
+
+    @torch.no_grad()
+    def all_finite(self) -> bool:
+        """True when every EMA value is finite on every rank (collective)."""
+        ok = torch.tensor([float(all(torch.isfinite(s).all() for s in self.shadow))])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item() > 0)

@@ -1,0 +1,255 @@
+"""Checkpoint → images: the DiT (EMA weights), its diffusion, the VAE decoder and the latent de-normalisation.
+
+``load_checkpoint(path)`` accepts a training checkpoint directory (``ema.safetensors`` inside), a run or
+``checkpoints`` directory (its newest complete checkpoint), or a consolidated ``.safetensors`` file; everything needed
+to rebuild the generator comes from the file's ``ditstack`` metadata (see docs/ARCHITECTURE.md "Checkpoints").
+``Generator.sample_batch`` turns class labels and per-sample seeds into uint8 images; a sample depends only on its
+seed and label, never on the batch it was drawn in.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+META_KEY = "ditstack"
+REQUIRED_META = ("model", "diffusion", "data", "latent", "step")
+
+__all__ = ["InferenceError", "resolve_checkpoint", "read_checkpoint_meta", "load_checkpoint", "Generator",
+           "sample_seed", "to_uint8"]
+
+
+class InferenceError(ValueError):
+    """A checkpoint that cannot be turned into a generator, described in one line naming the file and key."""
+
+
+def resolve_checkpoint(path: Union[str, os.PathLike]) -> Path:
+    """The weights file behind ``path``: a ``.safetensors`` file, a checkpoint dir, or a run/checkpoints dir."""
+    from launch.checkpoint import EMA_FILE, find_latest
+
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise InferenceError(f"{p}: no such checkpoint file or directory")
+    if (p / EMA_FILE).is_file():
+        return p / EMA_FILE
+    for root in (p / "checkpoints", p):
+        latest = find_latest(root) if root.is_dir() else None
+        if latest is not None and (latest / EMA_FILE).is_file():
+            return latest / EMA_FILE
+    raise InferenceError(f"{p}: holds no {EMA_FILE} (not a checkpoint directory, and no complete checkpoint under it)")
+
+
+def read_checkpoint_meta(path: Union[str, os.PathLike]) -> Tuple[Path, Dict[str, Any]]:
+    """(weights file, its ``ditstack`` metadata), validated; no weights are read."""
+    from safetensors import safe_open
+
+    f = resolve_checkpoint(path)
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            raw = (sf.metadata() or {}).get(META_KEY)
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad header
+        raise InferenceError(f"{f}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    if raw is None:
+        raise InferenceError(f"{f}: no '{META_KEY}' metadata; not a ditstack checkpoint (consolidate it with the "
+                             "trainer's export)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise InferenceError(f"{f}: '{META_KEY}' metadata is not JSON ({err})") from None
+    for key in REQUIRED_META:
+        if key not in meta:
+            raise InferenceError(f"{f}: '{META_KEY}' metadata lacks key '{key}'")
+    if not isinstance(meta["model"], dict) or not isinstance(meta["diffusion"], dict):
+        raise InferenceError(f"{f}: '{META_KEY}.model' and '.diffusion' must be objects of constructor kwargs")
+    lat = meta["latent"]
+    if lat is not None:
+        for key in ("shift", "scale", "vae"):
+            if key not in lat:
+                raise InferenceError(f"{f}: '{META_KEY}.latent' lacks key '{key}'")
+    return f, meta
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of global sample ``index`` in a run with base ``seed`` (independent streams, any world size)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) | (int(state[1]) >> 1)  # 63 bits: fits torch.Generator.manual_seed
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] → uint8 the way the official DiT/ADM sampling scripts do (clamp(127.5 x + 128), truncate)."""
+    return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Generator:
+    """A DiT with its diffusion, (optional) VAE and latent normalisation, on one device.
+
+    Args:
+        model: the DiT (eval mode, weights loaded).
+        diffusion_kwargs: ``create_diffusion`` kwargs.
+        data_info: the checkpoint's ``data`` block (``image_size``, ``channels``, ``class_names``).
+        latent: the checkpoint's ``latent`` block (None for pixel space).
+        device: where sampling runs.
+        vae: a loaded VAE handle (``launch.vae_io``); loaded from ``latent["vae"]`` when None and needed.
+    """
+
+    def __init__(self, model: torch.nn.Module, diffusion_kwargs: Dict[str, Any], data_info: Dict[str, Any],
+                 latent: Optional[Dict[str, Any]], device: Union[str, torch.device], vae: Any = None):
+        from dit.diffusion import create_diffusion
+
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.diffusion_kwargs = dict(diffusion_kwargs)
+        self.diffusion = create_diffusion(**diffusion_kwargs)
+        self.data_info = dict(data_info or {})
+        self.latent = latent
+        self.num_classes = int(getattr(model, "num_classes", 0))
+        y_emb = getattr(model, "y_embedder", None)
+        self.has_null_class = bool(y_emb is not None and y_emb.embedding_table.num_embeddings > self.num_classes)
+        side = int(model.input_size)
+        self.sample_shape = (int(model.in_channels), side, side)
+        self.vae = None
+        if latent is not None:
+            if vae is None:
+                from launch.vae_io import load_vae
+
+                try:
+                    vae = load_vae(latent["vae"], device=self.device)
+                except (OSError, ValueError) as err:
+                    raise InferenceError(f"VAE {latent['vae']!r} named by the checkpoint cannot be loaded ({err}); "
+                                         "pass the VAE path explicitly (--vae)") from None
+            self.vae = vae
+            c = self.sample_shape[0]
+            shift, scale = (torch.as_tensor(latent[k], dtype=torch.float32).reshape(-1) for k in ("shift", "scale"))
+            if shift.numel() not in (1, c) or scale.numel() not in (1, c):
+                raise InferenceError(f"latent shift/scale have {shift.numel()}/{scale.numel()} values for {c} channels")
+            self.shift = shift.expand(c).reshape(1, c, 1, 1).to(self.device)
+            self.scale = scale.expand(c).reshape(1, c, 1, 1).to(self.device)
+            if getattr(vae, "latent_channels", c) != c:
+                raise InferenceError(f"the VAE has {vae.latent_channels} latent channels, the DiT expects {c}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def model_fn(self, cfg_scale: float = 1.0, guide_channels: Union[str, int] = "all",
+                 guidance_interval: Optional[Sequence[float]] = None, dtype: Optional[torch.dtype] = None):
+        """``model_fn(x, t, y)`` for the sampler: the DiT (with CFG when ``cfg_scale != 1``) under ``dtype`` autocast."""
+        from dit.samplers import make_cfg_model_fn
+
+        model = self.model
+        if cfg_scale != 1.0:
+            if self.num_classes == 0:
+                raise InferenceError("classifier-free guidance needs a class-conditional model (num_classes = 0)")
+            if not self.has_null_class:
+                raise InferenceError("classifier-free guidance needs a null class (model trained with "
+                                     "class_dropout_prob = 0)")
+            gc = guide_channels if guide_channels == "all" else int(guide_channels)
+            inner = make_cfg_model_fn(model, cfg_scale, self.num_classes, gc,
+                                      tuple(guidance_interval) if guidance_interval else None)
+        else:
+            inner = model
+
+        def fn(x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+            with _autocast(self.device, dtype):
+                return inner(x, t, y).float()
+
+        return fn
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Sampler output (normalised latents or pixels) → uint8 images [B, C, H, W] on CPU."""
+        if self.vae is not None:
+            z = x0.float() / self.scale + self.shift
+            x0 = self.vae.decode(z)
+        return to_uint8(x0).cpu()
+
+    @torch.no_grad()
+    def sample_batch(self, labels: Optional[torch.Tensor], seeds: Sequence[int], *, sampler: str = "ddpm",
+                     steps: Union[None, int, str] = 250, eta: float = 0.0, cfg_scale: float = 1.0,
+                     guide_channels: Union[str, int] = "all", guidance_interval: Optional[Sequence[float]] = None,
+                     dtype: Optional[torch.dtype] = None, progress: bool = False) -> torch.Tensor:
+        """uint8 images [B, C, H, W] (CPU) for ``labels`` [B] (None if unconditional) and one seed per sample."""
+        from dit.samplers import sample
+
+        gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        b = len(gens)
+        y = None
+        if self.num_classes > 0:
+            if labels is None or len(labels) != b:
+                raise InferenceError(f"need {b} class labels for a class-conditional model")
+            y = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+            if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+                raise InferenceError(f"class labels must lie in [0, {self.num_classes})")
+        fn = self.model_fn(cfg_scale, guide_channels, guidance_interval, dtype)
+        x0 = sample(fn, self.diffusion, (b, *self.sample_shape), sampler=sampler, steps=steps, eta=eta,
+                    generator=gens, device=self.device, progress=progress, model_kwargs={"y": y})
+        return self.decode(x0)
+
+    def generate(self, labels: Optional[Sequence[int]], seeds: Sequence[int], batch_size: int = 64,
+                 **kwargs: Any) -> np.ndarray:
+        """uint8 images [N, H, W, C] (numpy) for ``labels`` and ``seeds``, in batches; kwargs as ``sample_batch``."""
+        out = []
+        for i in range(0, len(seeds), batch_size):
+            lab = None if labels is None or self.num_classes == 0 else torch.as_tensor(list(labels[i:i + batch_size]))
+            out.append(self.sample_batch(lab, seeds[i:i + batch_size], **kwargs).permute(0, 2, 3, 1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, *self.image_shape_hwc), np.uint8)
+
+    @property
+    def image_shape_hwc(self) -> Tuple[int, int, int]:
+        """(H, W, C) of the decoded images."""
+        if self.vae is None:
+            c, h, w = self.sample_shape
+            return h, w, c
+        down = int(getattr(self.vae, "downsample", 8))
+        return self.sample_shape[1] * down, self.sample_shape[2] * down, int(getattr(self.vae, "image_channels", 3))
+
+
+def load_checkpoint(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
+                    vae: Union[None, str, os.PathLike, Any] = None) -> Tuple[Generator, Dict[str, Any]]:
+    """(Generator, metadata + ``"weights_file"``) from a checkpoint (see module doc); ``vae`` overrides its VAE."""
+    from safetensors.torch import load_file
+
+    from dit.models import DiT
+
+    f, meta = read_checkpoint_meta(path)
+    try:
+        model = DiT(**meta["model"])
+    except (TypeError, ValueError) as err:
+        raise InferenceError(f"{f}: '{META_KEY}.model' is not valid DiT kwargs ({err})") from None
+    state = load_file(str(f))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or bad_shape:
+        raise InferenceError(f"{f}: weights do not match the DiT in its metadata: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]}")
+    model.load_state_dict(state)
+    if meta["latent"] is not None:
+        shape = meta["latent"].get("shape")
+        if shape is not None and list(shape) != [model.in_channels, model.input_size, model.input_size]:
+            raise InferenceError(f"{f}: latent shape {shape} does not match the DiT's input "
+                                 f"{[model.in_channels, model.input_size, model.input_size]}")
+    handle = None
+    if vae is not None and meta["latent"] is not None:
+        if isinstance(vae, (str, os.PathLike)):
+            from launch.vae_io import load_vae
+
+            handle = load_vae(vae, device=device)
+        else:
+            handle = vae
+    gen = Generator(model, meta["diffusion"], meta["data"], meta["latent"], device, vae=handle)
+    return gen, dict(meta, weights_file=str(f.resolve()))

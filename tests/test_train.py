@@ -1,0 +1,194 @@
+"""launch/train.py end to end: 2 ranks with gloo in subprocesses, ZeRO stages, exact resume, kill -9, preemption."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, entry_env, run_entry
+
+TINY = "configs/runs/tiny_test.yaml"
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> Path:
+    """64 MNIST digits in 4 shards: an epoch is 8 steps of global batch 8, so short runs cross epochs."""
+    out = tmp_path_factory.mktemp("small_shards")
+    proc = run_entry(["data_pipeline/make_shards.py", "--source", "mnist", "--out", str(out),
+                      "--shard-size", "16", "--max-samples", "64"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def torchrun(args: list[str], nproc: int = 2, **env: str) -> subprocess.Popen:
+    port = str(20000 + (os.getpid() * 7 + int(time.time() * 1000)) % 20000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", port,
+           "launch/train.py", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=entry_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def run_train(run_dir: Path, shards: Path, *sets: str, nproc: int = 2, resume: str | None = None,
+              timeout: float = 900, expect: int = 0, **env: str) -> str:
+    args = ["--config", TINY, "--run-dir", str(run_dir), "--set", f"data.shards={shards}"]
+    for s in sets:
+        args += ["--set", s]
+    if resume:
+        args += ["--resume", resume]
+    proc = torchrun(args, nproc=nproc, **env)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == expect, f"exit {proc.returncode}\n{out[-6000:]}"
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_same_weights(a: Path, b: Path, tol: float = 1e-6) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst <= tol, f"max abs weight difference {worst}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_two_ranks_train_save_and_export(stage, small_shards, tmp_path):
+    run = tmp_path / f"zero{stage}"
+    run_train(run, small_shards, f"train.deepspeed.zero_stage={stage}", "train.max_steps=4", "train.ckpt_every=2",
+              "train.sample_every=4", "train.precision=bf16")
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_0000002", "step_0000004"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    meta = json.loads((run / "checkpoints" / "step_0000004" / "meta.json").read_text())
+    assert meta["step"] == 4 and meta["world_size"] == 2 and len(meta["positions"]) == 2
+    assert meta["model"]["num_classes"] == 10 and meta["latent"] is None
+    exported = weights(run / "model_ema.safetensors")
+    assert all(torch.isfinite(v).all() for v in exported.values())
+    assert_same_weights(run / "model_ema.safetensors", run / "checkpoints" / "step_0000004" / "ema.safetensors", 0)
+    # the consolidated file loads into a fresh DiT built from its own metadata
+    from safetensors import safe_open
+
+    from dit.models import DiT
+    with safe_open(str(run / "model_ema.safetensors"), "pt") as fh:
+        header = json.loads(fh.metadata()["ditstack"])
+    DiT(**header["model"]).load_state_dict(exported)
+    log = losses(run)
+    assert set(log) == {2, 4} and all(v == v for v in log.values())
+    assert (run / "samples" / "step_0000004.png").is_file() and (run / "loss_curve.png").is_file()
+    assert (run / "samples.gif").is_file()
+
+
+@pytest.mark.slow
+def test_resume_is_exact_across_an_epoch_boundary(small_shards, tmp_path):
+    common = ("train.max_steps=12", "train.ckpt_every=6", "train.log_every=1", "train.ema_decay=0.5",
+              "data.num_workers=1")
+    straight = tmp_path / "straight"
+    run_train(straight, small_shards, *common)
+    split = tmp_path / "split"
+    run_train(split, small_shards, *common[1:], "train.max_steps=6")
+    meta = json.loads((split / "checkpoints" / "step_0000006" / "meta.json").read_text())
+    assert meta["epoch"] == 0
+    run_train(split, small_shards, *common, resume="auto")
+    meta = json.loads((split / "checkpoints" / "step_0000012" / "meta.json").read_text())
+    assert meta["epoch"] >= 1  # 8 steps per epoch: the resumed half crossed the boundary
+    assert_same_weights(straight / "model_ema.safetensors", split / "model_ema.safetensors")
+    a, b = losses(straight), losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert all(abs(a[s] - b[s]) <= 1e-6 for s in a), (a, b)
+
+
+@pytest.mark.slow
+def test_kill9_during_checkpoint_write_then_resume_auto(small_shards, tmp_path):
+    common = ("train.max_steps=9", "train.ckpt_every=3", "train.log_every=1", "train.ema_decay=0.5")
+    straight = tmp_path / "straight"
+    run_train(straight, small_shards, *common)
+    crashed = tmp_path / "crashed"
+    proc = torchrun(["--config", TINY, "--run-dir", str(crashed), "--set", f"data.shards={small_shards}",
+                     *sum((["--set", s] for s in common), [])], DITSTACK_FAULT="kill_in_save:6")
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode != 0, out[-3000:]
+    root = crashed / "checkpoints"
+    assert (root / "step_0000003" / "meta.json").is_file()
+    assert not (root / "step_0000006").exists() and list(root.glob(".tmp-step_0000006"))
+    assert (root / "latest").read_text().strip() == "step_0000003"
+    run_train(crashed, small_shards, *common, resume="auto")
+    assert_same_weights(straight / "model_ema.safetensors", crashed / "model_ema.safetensors")
+    assert not list(root.glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_exits_3_and_resumes(small_shards, tmp_path):
+    run = tmp_path / "preempted"
+    sets = ["--set", f"data.shards={small_shards}", "--set", "train.max_steps=400", "--set", "train.ckpt_every=1000",
+            "--set", "train.log_every=1"]
+    proc = torchrun(["--config", TINY, "--run-dir", str(run), *sets])
+    log = run / "log.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    assert log.is_file(), "training never logged a step"
+    os.killpg(proc.pid, signal.SIGUSR1)  # what SLURM's --signal does: every task of the job gets it
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 3, out[-4000:]
+    ckpts = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert len(ckpts) == 1
+    stopped_at = json.loads((ckpts[0] / "meta.json").read_text())["step"]
+    assert 3 <= stopped_at < 400
+    out = run_train(run, small_shards, "train.max_steps=%d" % (stopped_at + 2), "train.log_every=1", resume="auto")
+    steps = sorted(losses(run))
+    assert steps == list(range(1, stopped_at + 3))
+
+
+@pytest.mark.slow
+def test_bad_inputs_fail_with_one_line(small_shards, tmp_path):
+    proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(tmp_path / "r"),
+                      "--set", f"data.shards={tmp_path / 'missing'}"], timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert str(tmp_path / "missing") in proc.stderr.strip().splitlines()[-1]
+    proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(tmp_path / "r2"),
+                      "--set", f"data.shards={small_shards}", "--set", "train.global_batch_size=7"], timeout=600)
+    assert proc.returncode == 2
+    assert "train.global_batch_size=7" in proc.stderr.strip().splitlines()[-1]
+    proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(tmp_path / "r3"),
+                      "--set", f"data.shards={small_shards}", "--resume", str(tmp_path / "nope")], timeout=600)
+    assert proc.returncode == 2
+    assert "no such checkpoint directory" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_then_the_run_stops(small_shards, tmp_path):
+    run = tmp_path / "nan"
+    proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(run), "--set", f"data.shards={small_shards}",
+                      "--set", "train.max_steps=20", "--set", "train.max_bad_steps=3", "--set", "train.ckpt_every=2"],
+                     timeout=600, DITSTACK_FAULT="nan_loss_from:3")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "3 non-finite steps in a row" in proc.stderr
+    metas = [json.loads((p / "meta.json").read_text()) for p in (run / "checkpoints").glob("step_*")]
+    assert metas and all(torch.isfinite(t).all() for p in (run / "checkpoints").glob("step_*")
+                         for t in weights(p / "ema.safetensors").values())
+
+
+@pytest.mark.slow
+def test_nonfinite_weights_are_never_saved(small_shards, tmp_path):
+    run = tmp_path / "nanw"
+    proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(run), "--set", f"data.shards={small_shards}",
+                      "--set", "train.max_steps=8", "--set", "train.ckpt_every=4"],
+                     timeout=600, DITSTACK_FAULT="nan_weight_at:3")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "non-finite weights at step 4: refusing to write a checkpoint" in proc.stderr
+    assert not list((run / "checkpoints").glob("step_*"))
