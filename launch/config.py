@@ -29,30 +29,30 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The DiT: a registry name plus optional overrides of its architecture."""
 
-    name: str = "DiT-S/2"
+    name: str = "DiT-S/2"  # a preset (DiT-S/2 … DiT-XL/8) or 'custom' (then hidden_size, depth, num_heads, patch_size)
     input_size: Optional[int] = None  # None: taken from the data manifest (image or latent size)
     in_channels: Optional[int] = None  # None: taken from the data manifest
     num_classes: Optional[int] = None  # None: number of classes in the manifest (0 = unconditional)
     hidden_size: Optional[int] = None  # None: the preset's value
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    patch_size: Optional[int] = None
-    mlp_ratio: Optional[float] = None
-    class_dropout_prob: float = 0.1
-    learn_sigma: bool = True
-    conditioning: Literal["adaln_zero", "adaln", "cross_attn", "in_context"] = "adaln_zero"
-    qk_norm: bool = False
-    grad_checkpointing: bool = False
+    depth: Optional[int] = None  # None: the preset's value
+    num_heads: Optional[int] = None  # None: the preset's value
+    patch_size: Optional[int] = None  # None: the preset's value
+    mlp_ratio: Optional[float] = None  # None: the preset's value (4.0)
+    class_dropout_prob: float = 0.1  # label dropout to the null class (enables classifier-free guidance)
+    learn_sigma: bool = True  # predict the variance too (hybrid loss with the VLB term, as DiT/ADM)
+    conditioning: Literal["adaln_zero", "adaln", "cross_attn", "in_context"] = "adaln_zero"  # how t and y enter the blocks (the paper's four variants)
+    qk_norm: bool = False  # LayerNorm on queries and keys (stabilises long bf16 runs)
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1.3x time)
 
 
 @dataclass
 class DiffusionConfig:
     """Gaussian diffusion used for training (sampling settings live in `sample` and `eval`)."""
 
-    noise_schedule: Literal["linear", "cosine"] = "linear"
-    diffusion_steps: int = 1000
-    prediction: Literal["eps", "v", "x0"] = "eps"
-    loss: Literal["mse", "l1"] = "mse"
+    noise_schedule: Literal["linear", "cosine"] = "linear"  # linear: betas 1e-4..2e-2 (DiT); cosine: Nichol & Dhariwal
+    diffusion_steps: int = 1000  # T of the training process
+    prediction: Literal["eps", "v", "x0"] = "eps"  # what the network predicts
+    loss: Literal["mse", "l1"] = "mse"  # loss on the prediction (plus the VLB term when learn_sigma)
 
 
 @dataclass
@@ -60,91 +60,91 @@ class DataConfig:
     """Where the shards are and how they are streamed."""
 
     shards: str = ""  # a directory with manifest.json, or a brace pattern
-    val_shards: Optional[str] = None
-    mode: Literal["exact", "resampled"] = "exact"
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    flip: bool = True
+    val_shards: Optional[str] = None  # held-out shards (VAE reconstruction, reference statistics)
+    mode: Literal["exact", "resampled"] = "exact"  # exact epochs (every sample once) or shards drawn with replacement
+    num_workers: int = 2  # DataLoader worker processes per rank (0: decode in the training process)
+    shuffle_buffer: int = 1000  # samples mixed across shards within a rank's stream
+    flip: bool = True  # random horizontal flips (latents: the stored flipped twin)
 
 
 @dataclass
 class DeepSpeedConfig:
     """Engine settings; `config` (a JSON path) is merged under the values derived from this section."""
 
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    config: Optional[str] = None
+    zero_stage: Literal[0, 1, 2, 3] = 2  # ZeRO stage: 0 plain data parallel, 1 optimizer, 2 + gradients, 3 + parameters sharded
+    config: Optional[str] = None  # extra DeepSpeed JSON (e.g. configs/deepspeed/zero3.json); this section's values win
 
 
 @dataclass
 class TrainConfig:
     """The optimisation recipe (defaults: the DiT paper) and the run's bookkeeping."""
 
-    run_dir: str = "runs/default"
-    seed: int = 0
-    max_steps: int = 400_000
-    global_batch_size: int = 256
+    run_dir: str = "runs/default"  # checkpoints, logs, sample grids go here (--run-dir overrides)
+    seed: int = 0  # seeds weights, data order, noise; a resumed run continues the same streams
+    max_steps: int = 400_000  # optimizer steps to train for
+    global_batch_size: int = 256  # samples per optimizer step over all ranks
     micro_batch_size: Optional[int] = None  # per rank; None: global / world (no accumulation)
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
+    lr: float = 1e-4  # AdamW learning rate (constant after warmup)
+    warmup_steps: int = 0  # linear warmup steps
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    adam_eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.0  # AdamW weight decay (DiT: none)
     grad_clip: float = 0.0  # 0 disables clipping (the official DiT recipe does not clip)
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16: autocast over fp32 master weights; fp32: exact (resume tests)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    ema_decay: float = 0.9999
-    compile: bool = False
+    ema_decay: float = 0.9999  # EMA of the weights; samples, eval and exports use it
+    compile: bool = False  # torch.compile the model through DeepSpeed's engine.compile()
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
-    log_every: int = 50
-    ckpt_every: int = 5000
-    keep_last: int = 3
+    log_every: int = 50  # log the all-reduced loss, lr, grad norm, throughput every N steps
+    ckpt_every: int = 5000  # checkpoint every N steps (and at the end, and on SIGUSR1/SIGTERM)
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
     sample_every: int = 5000  # 0 disables the grid of EMA samples
-    sample_per_class: int = 4
-    sample_max_classes: int = 10
+    sample_per_class: int = 4  # grid: samples per class (unconditional: 4 x this many)
+    sample_max_classes: int = 10  # grid: at most this many classes (the first ones)
     eval_every: int = 0  # 0 disables the in-training small-N evaluation
-    eval_num_samples: int = 1000
+    eval_num_samples: int = 1000  # samples of the in-training evaluation
     wandb: bool = True  # respects WANDB_MODE; offline when no API key is configured
-    wandb_project: str = "ditstack"
-    progress: bool = True
+    wandb_project: str = "ditstack"  # wandb project name
+    progress: bool = True  # tqdm progress bar on rank 0
 
 
 @dataclass
 class SampleConfig:
     """Sampling settings for grids during training and for launch/sample.py."""
 
-    sampler: Literal["ddpm", "ddim"] = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-    cfg_scale: float = 4.0
+    sampler: Literal["ddpm", "ddim"] = "ddim"  # sampler of the training grids and launch/sample.py
+    steps: int = 50  # sampling steps (respaced)
+    eta: float = 0.0  # DDIM eta (0: deterministic)
+    cfg_scale: float = 4.0  # classifier-free guidance scale (1: no guidance)
     guide_channels: str = "all"  # "all" or an int: how many leading channels CFG guides (official DiT: 3)
     guidance_interval: Optional[list[float]] = None  # [t_lo, t_hi] in training timesteps
-    seed: int = 0
+    seed: int = 0  # seed of the grid's noise
 
 
 @dataclass
 class EvalConfig:
     """FID-style evaluation settings (eval/fid.py)."""
 
-    num_samples: int = 50_000
-    batch_size: int = 64
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    steps: int = 250
-    eta: float = 0.0
-    cfg_scale: float = 1.5
-    guide_channels: str = "all"
-    guidance_interval: Optional[list[float]] = None
-    seed: int = 0
-    ref: Optional[str] = None
-    inception_weights: Optional[str] = None
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    num_samples: int = 50_000  # N of FID-N
+    batch_size: int = 64  # samples per forward on each rank
+    sampler: Literal["ddpm", "ddim"] = "ddpm"  # DiT's FID-50K: DDPM with 250 steps
+    steps: int = 250  # sampling steps (respaced)
+    eta: float = 0.0  # DDIM eta
+    cfg_scale: float = 1.5  # DiT's FID-50K setting
+    guide_channels: str = "all"  # "all", or 3 to reproduce the official DiT numbers exactly
+    guidance_interval: Optional[list[float]] = None  # [t_lo, t_hi]: guide only there
+    seed: int = 0  # sample i is drawn from a seed derived from (seed, i)
+    ref: Optional[str] = None  # reference statistics (.npz from eval/reference.py, or ADM's reference batch)
+    inception_weights: Optional[str] = None  # local Inception weights file (default: the torch hub cache)
+    dtype: Literal["fp32", "bf16"] = "fp32"  # model dtype while sampling (recorded beside the number)
 
 
 @dataclass
 class PerceptualConfig:
     """LPIPS perceptual loss of the VAE."""
 
-    weight: float = 1.0
-    net: Literal["vgg", "alex", "squeeze"] = "vgg"
+    weight: float = 1.0  # lambda of the LPIPS term
+    net: Literal["vgg", "alex", "squeeze"] = "vgg"  # LPIPS backbone
     pretrained: bool = True  # False: random backbone (tests, offline demo); never a silent fallback
 
 
@@ -152,21 +152,21 @@ class PerceptualConfig:
 class VAEConfig:
     """The KL autoencoder and its GAN training (launch/train_vae.py)."""
 
-    base_channels: int = 64
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
-    num_res_blocks: int = 1
-    z_channels: int = 4
-    mid_attention: bool = False
-    rec_loss: Literal["l1", "l2"] = "l1"
-    kl_weight: float = 1e-6
+    base_channels: int = 64  # channels of the first encoder level
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])  # per-level multipliers; len-1 downsamplings (factor 2^(len-1))
+    num_res_blocks: int = 1  # ResNet blocks per level
+    z_channels: int = 4  # latent channels
+    mid_attention: bool = False  # self-attention in the middle block
+    rec_loss: Literal["l1", "l2"] = "l1"  # reconstruction loss
+    kl_weight: float = 1e-6  # beta of the KL term
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
-    disc_start: int = 10_000
-    disc_weight: float = 0.5
-    disc_loss: Literal["hinge", "lsgan"] = "hinge"
-    disc_channels: int = 64
-    disc_layers: int = 3
+    disc_start: int = 10_000  # step at which the PatchGAN loss is switched on
+    disc_weight: float = 0.5  # scale of the adaptive adversarial weight
+    disc_loss: Literal["hinge", "lsgan"] = "hinge"  # adversarial loss
+    disc_channels: int = 64  # PatchGAN width
+    disc_layers: int = 3  # PatchGAN depth
     disc_lr: Optional[float] = None  # None: train.lr
-    grid_every: int = 500
+    grid_every: int = 500  # save originals vs reconstructions every N steps
 
 
 @dataclass
@@ -236,6 +236,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `2e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {value!r}")
         return float(value)

@@ -27,6 +27,9 @@ class EngineEMA:
         self.names = [n for n, _ in module.named_parameters()]
         self.params = [p for _, p in module.named_parameters()]
         self.partitioned = any(_is_zero3_param(p) for p in self.params)
+        # persistent buffers (e.g. the fixed sin-cos pos_embed) are copied into exports, not averaged
+        state_keys = set(module.state_dict().keys())
+        self.buffers = {n: b for n, b in module.named_buffers() if n in state_keys}
         with torch.no_grad():
             self.shadow = [self._local(p).detach().float().clone() for p in self.params]
 
@@ -42,10 +45,11 @@ class EngineEMA:
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The full EMA weights on CPU (collective under ZeRO-3: call on every rank)."""
+        out = {n: b.detach().float().cpu().clone() for n, b in self.buffers.items()}
         if not self.partitioned:
-            return {n: s.detach().cpu().clone() for n, s in zip(self.names, self.shadow)}
+            out.update({n: s.detach().cpu().clone() for n, s in zip(self.names, self.shadow)})
+            return out
         world = dist.get_world_size()
-        out = {}
         for name, p, part in zip(self.names, self.params, self.shadow):
             pieces = [torch.empty_like(part) for _ in range(world)]
             dist.all_gather(pieces, part.contiguous())
@@ -76,7 +80,7 @@ class EngineEMA:
     @torch.no_grad()
     def all_finite(self) -> bool:
         """True when every EMA value is finite on every rank (collective)."""
-        ok = torch.tensor([float(all(torch.isfinite(s).all() for s in self.shadow))])
+        ok = torch.tensor([float(all(torch.isfinite(s).all() for s in self.shadow))], device=self.shadow[0].device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item() > 0)

@@ -185,8 +185,7 @@ class Trainer:
         self.sink = MetricsSink(run_dir, info.is_main, config_to_dict(cfg), cfg.train.wandb, cfg.train.wandb_project)
         if info.is_main:
             truncate_jsonl(self.sink.path, self.step)  # a resumed run rewrites what came after its checkpoint
-        self._vae = None
-        self._ema_model = None
+        self._grid_generator = None  # EMA model + VAE for the sample grids, built on first use (rank 0)
 
     # -------------------------------------------------------------------------------------- checkpointing
     def _meta(self) -> dict[str, Any]:
@@ -273,12 +272,14 @@ class Trainer:
         if not self.info.is_main:
             return None
         s = self.cfg.sample
-        if self._ema_model is None:
+        if self._grid_generator is None:
             from dit.models import DiT
 
-            self._ema_model = DiT(**self.model_kwargs).to(self.info.device).eval()
-        self._ema_model.load_state_dict(state)
-        gen = Generator(self._ema_model, self.diffusion_kwargs, self.data_info, self.latent, self.info.device)
+            model = DiT(**self.model_kwargs).to(self.info.device).eval()
+            self._grid_generator = Generator(model, self.diffusion_kwargs, self.data_info, self.latent,
+                                             self.info.device)
+        gen = self._grid_generator
+        gen.model.load_state_dict(state)
         labels = _sample_labels(self.num_classes, self.cfg)
         images = gen.generate(labels=labels, seeds=list(range(len(labels))), sampler=s.sampler, steps=s.steps,
                               eta=s.eta, cfg_scale=s.cfg_scale if self.num_classes else 1.0,
@@ -321,21 +322,27 @@ class Trainer:
         return float(loss.detach().item()), ok
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over `accum` micro batches; skips (and counts) non-finite steps."""
-        losses, all_ok = [], True
-        for _ in range(self.accum):
+        """One optimizer step over `accum` finite micro batches.
+
+        A micro batch whose loss is non-finite on any rank is dropped on every rank (no backward, no engine step);
+        an accumulated gradient that is non-finite makes the optimizer skip the step (ZeRO 1-3 do it themselves,
+        stage 0 here). Both count as bad steps; `train.max_bad_steps` in a row stop the run.
+        """
+        losses: list[float] = []
+        grads_ok = True
+        while len(losses) < self.accum:
             loss, ok = self._micro_step()
-            all_ok &= ok
-            if ok:
-                losses.append(loss)
-            boundary = self.engine.is_gradient_accumulation_boundary()
-            if boundary and self.cfg.train.deepspeed.zero_stage == 0 and not _grads_finite_stage0(self.engine.module):
+            if not ok:
+                self._bad_step("non-finite loss, micro batch dropped")
+                continue
+            losses.append(loss)
+            if (self.engine.is_gradient_accumulation_boundary() and self.cfg.train.deepspeed.zero_stage == 0
+                    and not _grads_finite_stage0(self.engine.module)):
                 for p in self.engine.module.parameters():
                     p.grad = None  # the optimizer skips parameters without gradients: the step becomes a no-op
-                all_ok = False
-            if ok or boundary:
-                self.engine.step()
-        applied = self.engine.was_step_applied() and all_ok
+                grads_ok = False
+            self.engine.step()
+        applied = self.engine.was_step_applied() and grads_ok
         if fault_step("nan_weight_at") == self.step + 1:
             with torch.no_grad():  # fault injection for the tests
                 next(self.engine.module.parameters()).view(-1)[0] = float("nan")
@@ -343,18 +350,20 @@ class Trainer:
             self.ema.update()
             self.bad_in_a_row = 0
         else:
-            self.nonfinite_total += 1
-            self.bad_in_a_row += 1
-            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step + 1,
-                        self.bad_in_a_row)
-            if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
-                raise TrainingStopped(f"{self.bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
-                                      f"{self.cfg.train.max_bad_steps}): lower train.lr, enable train.grad_clip or "
-                                      f"model.qk_norm, or resume from an earlier checkpoint")
+            self._bad_step("non-finite gradient, optimizer step skipped")
         self.step += 1
-        mean_loss = sum(losses) / len(losses) if losses else float("nan")
+        mean_loss = sum(losses) / len(losses)
         grad_norm = self.engine.get_global_grad_norm()
         return {"loss": mean_loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+    def _bad_step(self, what: str) -> None:
+        self.nonfinite_total += 1
+        self.bad_in_a_row += 1
+        log.warning("step %d: %s (%d in a row)", self.step + 1, what, self.bad_in_a_row)
+        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise TrainingStopped(f"{self.bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
+                                  f"{self.cfg.train.max_bad_steps}): lower train.lr, enable train.grad_clip or "
+                                  f"model.qk_norm, or resume from an earlier checkpoint")
 
     def run(self) -> int:
         """Train to `train.max_steps`; returns the process exit status."""

@@ -44,7 +44,7 @@ dit_setup() {
         first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
         addr=$(scontrol show node "$first" -o 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
         export MASTER_ADDR=${addr:-$first}
-        export MASTER_PORT=$((20000 + ${SLURM_JOB_ID:-0} % 20000))
+        export MASTER_PORT=$((15000 + ${SLURM_JOB_ID:-0} % 15000))   # below Linux's ephemeral range (32768+)
     fi
     # One thread per allocated CPU of the task, unless the user chose.
     if [[ -z "${OMP_NUM_THREADS:-}" && -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
@@ -61,8 +61,9 @@ dit_args() {
     local want_resume=$1; shift
     DIT_ARGS=()
     [[ -n "${CONFIG:-}" ]] && DIT_ARGS+=(--config "$CONFIG")
-    local kv
-    for kv in ${OVERRIDES:-}; do DIT_ARGS+=(--set "$kv"); done
+    local kv ov=()
+    read -r -a ov <<< "${OVERRIDES:-}"   # split on whitespace without glob expansion
+    for kv in "${ov[@]}"; do DIT_ARGS+=(--set "$kv"); done
     [[ -n "${RUN_DIR:-}" ]] && DIT_ARGS+=(--run-dir "$RUN_DIR")
     DIT_ARGS+=("$@")
     if (( want_resume )) && ! _dit_has_flag --resume; then DIT_ARGS+=(--resume "${RESUME:-auto}"); fi
@@ -119,7 +120,7 @@ dit_run_requeueable() {
     if [[ "$_DIT_SIGNAL" != TERM ]] &&
         { (( rc == DIT_EXIT_PREEMPTED )) || { [[ "$_DIT_SIGNAL" == USR1 ]] && (( rc != 0 )); }; }; then
         [[ -n "${SLURM_JOB_ID:-}" ]] || dit_die "run was preempted (status 3) but this is not a SLURM job"
-        dit_log "run checkpointed after a preemption signal; requeueing job $SLURM_JOB_ID"
+        dit_log "run stopped after a preemption signal (status $rc); requeueing job $SLURM_JOB_ID"
         if scontrol requeue "$SLURM_JOB_ID"; then
             exit 0
         fi

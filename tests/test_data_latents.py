@@ -186,3 +186,19 @@ def test_encode_latents_cli_with_project_vae(tmp_path):
     m = json.loads((tmp_path / "lat" / "manifest.json").read_text())
     assert m["total"] == 11 and m["latent"]["shift"] == [0.0] * 4 and m["latent"]["scale"] == [0.18215] * 4
     assert m["latent"]["vae"].endswith("vae.safetensors")
+
+
+def test_non_finite_latent_is_skipped_and_counted(tmp_path):
+    write_latent_shards(tmp_path, [8], shape=(1, 2, 2), stored="sample")
+    path = tmp_path / "train-000000.tar"
+    data = bytearray(path.read_bytes())
+    member = data.index(b"000000003.npy")  # header block of sample 3; its .npy starts at the next block
+    npy = member + 512
+    hlen = int.from_bytes(data[npy + 8:npy + 10], "little")
+    data[npy + 10 + hlen:npy + 12 + hlen] = np.array([np.nan], dtype=np.float16).tobytes()
+    path.write_bytes(bytes(data))
+    s = build_stream(tmp_path, batch_size=4, num_workers=0, flip=False)
+    it = iter(s)
+    x = torch.cat([next(it)[0] for _ in range(2)])
+    assert torch.isfinite(x).all() and s.corrupt_count == 1
+    assert sorted(set(x[:, 0, 1, 1].round().long().tolist())) == [0, 1, 2, 4, 5, 6, 7]

@@ -1,0 +1,223 @@
+"""Draw class-conditional (or unconditional) samples from a DiT checkpoint: one grid PNG plus the single images.
+
+    python launch/sample.py --ckpt runs/demo/dit --labels 3 7 7 1 --cfg-scale 4 --sampler ddim --steps 50 \
+        --seed 0 --out samples/grid.png
+    python launch/sample.py --ckpt model_ema.safetensors --labels male female --out celeb/grid.png   (class names)
+    python launch/sample.py --ckpt runs/uncond --num 16 --out uncond/grid.png                     (unconditional)
+
+``--ckpt`` is a checkpoint directory, a run directory (its newest complete checkpoint) or a consolidated
+``.safetensors`` file; everything else (model, diffusion, VAE, latent normalisation, class names) comes from its
+``ditstack`` metadata through ``launch/inference.py``. The single images are written in an ImageFolder layout,
+``<images dir>/<class name>/<index>.png`` (the images dir defaults to the grid's directory), so torchvision's
+``ImageFolder`` and other tools read them directly; ``<out>.json`` beside the grid records every setting.
+Sample ``i`` uses seed ``launch.inference.sample_seed(seed, i)``: it depends on the seed, its index and its label
+only, never on the batch size (the same rule as eval/fid.py).
+
+Exit status: 0 done, 2 bad input (unknown label, unreadable checkpoint, bad flag).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+if __package__ in (None, ""):  # `python launch/sample.py` from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+EXIT_BAD_INPUT = 2
+UNCONDITIONAL_DIR = "unconditional"  # the single "class" directory of an unconditional model's samples
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+__all__ = ["SampleError", "resolve_labels", "class_dir_names", "write_image_folder", "main"]
+
+
+class SampleError(ValueError):
+    """Bad sampling input, described in one line."""
+
+
+def resolve_labels(tokens: Optional[Sequence[str]], num: Optional[int], num_classes: int,
+                   class_names: Sequence[str]) -> Optional[list[int]]:
+    """Class indices for the requested samples (None for an unconditional model).
+
+    ``tokens`` are class names (from the checkpoint's data.class_names; a name wins over an index) or indices.
+    Without tokens, a conditional model draws ``num`` samples cycling through the classes.
+    """
+    if num_classes == 0:
+        if tokens:
+            raise SampleError("the model is unconditional: use --num N instead of --labels")
+        if num is None or num <= 0:
+            raise SampleError("the model is unconditional: pass --num N (N > 0) samples")
+        return None
+    if not tokens:
+        if num is None or num <= 0:
+            raise SampleError("the model is class-conditional: pass --labels (names or indices) or --num N")
+        return [i % num_classes for i in range(num)]
+    names = [str(n) for n in class_names]
+    by_name = {n: i for i, n in enumerate(names) if i < num_classes}
+    labels = []
+    for tok in tokens:
+        if tok in by_name:
+            labels.append(by_name[tok])
+            continue
+        try:
+            idx = int(tok)
+        except ValueError:
+            idx = None
+        if idx is None or not 0 <= idx < num_classes:
+            valid = (", ".join(names[:num_classes]) + f" (or an index 0..{num_classes - 1})") if names \
+                else f"an index 0..{num_classes - 1}"
+            raise SampleError(f"unknown label {tok!r}; valid labels: {valid}")
+        labels.append(idx)
+    if num is not None and num != len(labels):
+        raise SampleError(f"--num {num} does not match the {len(labels)} labels given; pass one or the other")
+    return labels
+
+
+def class_dir_names(num_classes: int, class_names: Sequence[str]) -> list[str]:
+    """The ImageFolder directory name of each class (the class name, made path-safe; the index if unnamed)."""
+    if num_classes == 0:
+        return [UNCONDITIONAL_DIR]
+    out = []
+    for i in range(num_classes):
+        name = str(class_names[i]) if i < len(class_names) else str(i)
+        safe = "".join(c if c.isalnum() or c in "-_. " else "_" for c in name).strip().strip(".") or str(i)
+        out.append(safe)
+    return out
+
+
+def _save_png(img: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_image_folder(images: np.ndarray, labels: Optional[Sequence[int]], root: Path,
+                       dir_names: Sequence[str], start: int = 0) -> list[str]:
+    """Save uint8 images [N, H, W, C] as ``root/<class dir>/<index>.png`` (index = start + i); returns the paths."""
+    paths = []
+    for i, img in enumerate(images):
+        d = root / dir_names[labels[i] if labels is not None else 0]
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"{start + i:06d}.png"
+        _save_png(img, p)
+        paths.append(str(p))
+    return paths
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line arguments of the sampler."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="checkpoint dir, run dir (latest checkpoint) or .safetensors")
+    ap.add_argument("--labels", nargs="+", default=None, help="class names or indices, one per sample")
+    ap.add_argument("--num", type=int, default=None, help="number of samples (unconditional models, or cycling "
+                                                          "through the classes when --labels is not given)")
+    ap.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
+    ap.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    ap.add_argument("--steps", type=int, default=50, help="sampling steps (respacing of the trained process)")
+    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    ap.add_argument("--guide-channels", default="all", help="'all' or N leading channels (3 = official DiT)")
+    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
+                    help="apply CFG only for training timesteps in [T_LO, T_HI]")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="DiT autocast dtype")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--vae", default=None, help="override the VAE named in the checkpoint")
+    ap.add_argument("--out", default="samples/grid.png", help="grid PNG path")
+    ap.add_argument("--images-dir", default=None, help="ImageFolder root of the single images (default: the "
+                                                       "grid's directory)")
+    ap.add_argument("--nrow", type=int, default=None, help="images per grid row (default: ~sqrt(N))")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap.parse_args(argv)
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"error: {message}\n")
+    return EXIT_BAD_INPUT
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Sample and write the grid, the single images and the settings record; returns the exit status."""
+    args = parse_args(argv)
+    from launch.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed
+    from launch.visuals import save_image_grid
+
+    gc = args.guide_channels
+    if gc != "all" and not (gc.isdigit() and int(gc) > 0):
+        return _fail(f"--guide-channels must be 'all' or a positive int, got {gc!r}")
+    if args.steps <= 0 or args.batch_size <= 0:
+        return _fail("--steps and --batch-size must be > 0")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        return _fail(f"--out {out}: the grid is written as PNG; give a path ending in .png")
+    try:
+        _, meta = read_checkpoint_meta(args.ckpt)  # cheap: labels are checked before any weight is read
+        num_classes = int(meta["model"].get("num_classes", 0))
+        class_names = list((meta.get("data") or {}).get("class_names") or [])
+        labels = resolve_labels(args.labels, args.num, num_classes, class_names)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        gen, meta = load_checkpoint(args.ckpt, device, vae=args.vae)
+    except (SampleError, InferenceError) as err:
+        return _fail(str(err))
+    except (OSError, RuntimeError) as err:  # e.g. a bad --device or an unreadable VAE override
+        return _fail(f"{args.ckpt}: {type(err).__name__}: {err}")
+    n = len(labels) if labels is not None else int(args.num)
+    cfg_scale = args.cfg_scale if num_classes > 0 else 1.0
+    seeds = [sample_seed(args.seed, i) for i in range(n)]
+    dir_names = class_dir_names(num_classes, class_names)
+    images_root = Path(args.images_dir) if args.images_dir else out.parent
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="sample", unit="img", dynamic_ncols=True)
+    chunks, paths = [], []
+    try:
+        for i in range(0, n, args.batch_size):
+            lab = labels[i:i + args.batch_size] if labels is not None else None
+            imgs = gen.generate(lab, seeds[i:i + args.batch_size], batch_size=args.batch_size,
+                                sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=cfg_scale,
+                                guide_channels=gc, guidance_interval=args.guidance_interval,
+                                dtype=DTYPES[args.dtype])
+            paths += write_image_folder(imgs, lab, images_root, dir_names, start=i)
+            chunks.append(imgs)
+            if bar is not None:
+                bar.update(len(imgs))
+    except InferenceError as err:
+        return _fail(str(err))
+    finally:
+        if bar is not None:
+            bar.close()
+    images = np.concatenate(chunks)
+    nrow = args.nrow or max(1, math.ceil(math.sqrt(n)))
+    save_image_grid(images, out, nrow=nrow)
+    record = {"grid": str(out), "images_dir": str(images_root), "images": paths,
+              "labels": labels, "class_names": [dir_names[l] for l in labels] if labels is not None else None,
+              "seeds": seeds, "checkpoint": meta["weights_file"], "step": meta.get("step"),
+              "settings": {"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "cfg_scale": cfg_scale,
+                           "guide_channels": gc, "guidance_interval": args.guidance_interval, "seed": args.seed,
+                           "dtype": args.dtype, "vae": args.vae},
+              "seed_rule": "sample i: seed launch.inference.sample_seed(seed, i)"}
+    _write_json(out.with_suffix(".json"), record)
+    print(f"wrote {n} samples: grid {out}, images under {images_root}/<class>/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
