@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import math
 import os
 import sys
 from pathlib import Path

@@ -68,6 +68,9 @@ def load_spec(spec: str | os.PathLike) -> Tuple[Dict[str, Any], List[str]]:
         mpath = p / MANIFEST_NAME
     elif p.name == MANIFEST_NAME or (p.suffix == ".json" and p.is_file()):
         mpath = p
+    elif "{" not in spec and not p.suffix == ".tar":
+        raise ManifestError(f"{spec}: no such shard directory (expected a directory with {MANIFEST_NAME}, a "
+                            f"manifest path, or a brace pattern of .tar shards)")
     else:
         names = _expand_braces(spec)
         dirs = {str(Path(n).parent) for n in names}

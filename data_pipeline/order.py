@@ -95,8 +95,15 @@ def rank_sequence(counts: Sequence[int], *, seed: int, epoch: int, rank: int, wo
     per = total // world_size
     if mode == "exact":
         perm = np.random.default_rng([seed, epoch, _TAG_SHARDS]).permutation(len(counts))
-        seq = _concat_shards(offsets, counts, perm)
-        return seq[rank * per:(rank + 1) * per]
+        ends = np.cumsum(counts[perm])
+        starts = ends - counts[perm]
+        lo, hi = rank * per, (rank + 1) * per
+        mine = (ends > lo) & (starts < hi)  # only this rank's shards are expanded into sample ids
+        if per == 0 or not mine.any():
+            return np.zeros(0, dtype=np.int64)
+        seq = _concat_shards(offsets, counts, perm[mine])
+        first = int(starts[mine][0])
+        return seq[lo - first:hi - first]
     if mode == "resampled":
         rng = np.random.default_rng([seed, epoch, rank, _TAG_RESAMPLE])
         nonempty = np.flatnonzero(counts > 0)

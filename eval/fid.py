@@ -440,7 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                f"_seed{args.seed}")
         out = Path(args.out) if args.out else Path(meta["weights_file"]).parent / f"eval-{tag}"
         record = evaluate(gen, meta, settings, out, device)
-    except (InferenceError, inception.InceptionWeightsMissing, FileNotFoundError, ValueError) as err:
+    except (InferenceError, OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -36,7 +36,7 @@ def _to_rgb_array(data: Union[bytes, str, os.PathLike]) -> np.ndarray:
     from PIL import Image
 
     img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data)
-    return np.asarray(img.convert("RGB"))
+    return np.array(img.convert("RGB"))
 
 
 def iter_shard_images(spec: Union[str, os.PathLike]) -> Iterator[Tuple[np.ndarray, int]]:

@@ -271,18 +271,30 @@ def lpips_backbone_path(net: str = "vgg") -> Tuple[Path, str]:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), url
 
 
-class _GrayToRGB(torch.nn.Module):
-    """LPIPS wants 3-channel inputs in [-1, 1]; grey images are repeated, other channel counts rejected."""
+# smallest input side each backbone's pooling stack accepts (measured); smaller images are upsampled to it
+_LPIPS_MIN_SIZE = {"vgg": 16, "alex": 32, "squeeze": 32}
 
-    def __init__(self, lpips_module: torch.nn.Module):
+
+class _LPIPSWrapper(torch.nn.Module):
+    """LPIPS on [-1, 1] images of 1 or 3 channels: grey is repeated to RGB, tiny images are upsampled (bilinear)
+    to the backbone's minimum size, and the distance is returned per image, shape [B]."""
+
+    def __init__(self, lpips_module: torch.nn.Module, min_size: int):
         super().__init__()
         self.inner = lpips_module
+        self.min_size = min_size
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
         elif x.shape[1] != 3:
             raise ValueError(f"LPIPS needs 1- or 3-channel images, got {x.shape[1]} channels")
+        if min(x.shape[-2:]) < self.min_size:
+            h, w = x.shape[-2:]
+            f = self.min_size / min(h, w)
+            size = (max(self.min_size, round(h * f)), max(self.min_size, round(w * f)))
+            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            y = torch.nn.functional.interpolate(y, size=size, mode="bilinear", align_corners=False)
         return self.inner(x, y).flatten(1).mean(1)
 
 
@@ -309,4 +321,4 @@ def build_perceptual(net: str = "vgg", pretrained: bool = True,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's `pretrained=` deprecation warning inside lpips
         module = lpips.LPIPS(net=net, pnet_rand=not pretrained, verbose=False)
-    return _GrayToRGB(module).to(device).eval().requires_grad_(False)
+    return _LPIPSWrapper(module, _LPIPS_MIN_SIZE[net]).to(device).eval().requires_grad_(False)

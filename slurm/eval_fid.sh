@@ -7,8 +7,8 @@
 #       --num-samples 50000 --cfg-scale 1.5 --sampler ddpm --steps 250
 #   sbatch --ntasks=4 --export=ALL,CKPT=runs/x/model_ema.safetensors,REF=ref.npz slurm/eval_fid.sh
 #
-# Arguments are passed to eval/fid.py. Environment (all optional): CKPT (--ckpt), REF (--ref), CONFIG (--config),
-# OVERRIDES (each becomes --set), VENV, DIT_REPO (default: the submit dir), SRUN_ARGS (extra srun flags).
+# Arguments are passed to eval/fid.py. Environment (all optional): CKPT (--ckpt), REF (--ref), OUT (--out), VENV,
+# DIT_REPO (default: the submit dir), SRUN_ARGS (extra srun flags).
 # Resources are not fixed here (default: 1 task): pass them to sbatch. When the job is preempted or reaches its
 # time limit (USR1 120 s before), it is requeued; eval/fid.py skips the sample batches already written.
 #
@@ -19,13 +19,16 @@
 #SBATCH --signal=B:USR1@120
 set -uo pipefail
 
-source "${DIT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/lib.sh" || { echo "[slurm] error: slurm/lib.sh not found" >&2; exit 2; }
+# shellcheck source=slurm/lib.sh
+source "${DIT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/lib.sh" ||
+    { echo "[slurm] error: slurm/lib.sh not found: submit from the repo root or set DIT_REPO" >&2; exit 2; }
 dit_setup
 [[ -f eval/fid.py ]] || dit_die "$DIT_REPO/eval/fid.py not found"
-extra=()
-[[ -n "${CKPT:-}" ]] && extra+=(--ckpt "$CKPT")
-[[ -n "${REF:-}" ]] && extra+=(--ref "$REF")
-dit_args 0 "${extra[@]}" "$@"
+DIT_ARGS=()
+[[ -n "${CKPT:-}" ]] && DIT_ARGS+=(--ckpt "$CKPT")
+[[ -n "${REF:-}" ]] && DIT_ARGS+=(--ref "$REF")
+[[ -n "${OUT:-}" ]] && DIT_ARGS+=(--out "$OUT")
+DIT_ARGS+=("$@")
 
 # shellcheck disable=SC2086  # SRUN_ARGS is a list of flags
 dit_run_requeueable srun --kill-on-bad-exit=1 ${SRUN_ARGS:-} "$DIT_PY" eval/fid.py "${DIT_ARGS[@]}"

@@ -23,7 +23,9 @@
 #SBATCH --signal=B:USR1@120
 set -uo pipefail
 
-source "${DIT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/lib.sh" || { echo "[slurm] error: slurm/lib.sh not found" >&2; exit 2; }
+# shellcheck source=slurm/lib.sh
+source "${DIT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/lib.sh" ||
+    { echo "[slurm] error: slurm/lib.sh not found: submit from the repo root or set DIT_REPO" >&2; exit 2; }
 dit_setup
 dit_args 1 "$@"
 dit_require_config

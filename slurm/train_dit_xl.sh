@@ -37,7 +37,9 @@ CONFIG=${CONFIG:-configs/runs/dit_xl2_imagenet256.yaml}
 # export NCCL_TIMEOUT=1800
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 
-source "${DIT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/lib.sh" || { echo "[slurm] error: slurm/lib.sh not found" >&2; exit 2; }
+# shellcheck source=slurm/lib.sh
+source "${DIT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/lib.sh" ||
+    { echo "[slurm] error: slurm/lib.sh not found: submit from the repo root or set DIT_REPO" >&2; exit 2; }
 dit_setup
 dit_args 1 "$@"
 dit_require_config

@@ -73,6 +73,7 @@ def encoded(tmp_path_factory):
     return base, out, make_encode_fn()
 
 
+@pytest.mark.slow
 def test_two_rank_encode_outputs_and_manifest(encoded):
     base, out, encode = encoded
     m = json.loads((out["mean_std"] / "manifest.json").read_text())
@@ -112,6 +113,7 @@ def test_two_rank_encode_outputs_and_manifest(encoded):
     np.testing.assert_allclose(lat["scale"], 1 / std, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_sample_mode_and_normalised_loader(encoded):
     base, out, _ = encoded
     m = json.loads((out["sample"] / "manifest.json").read_text())

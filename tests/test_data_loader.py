@@ -184,3 +184,25 @@ def test_shards_are_readable_by_webdataset(shards):
     got = [(int(k), int(img[0, 0]), int(c)) for k, img, c in ds]
     assert [g[0] for g in got] == list(range(96))
     assert all(g[1] == g[0] % 256 and g[2] == g[0] % 10 for g in got)
+
+
+@pytest.mark.parametrize("fmt", ["USTAR_FORMAT", "GNU_FORMAT", "PAX_FORMAT"])
+def test_tar_index_reads_every_tar_format(tmp_path, fmt):
+    import io
+    import tarfile
+
+    from data_pipeline.tario import index_tar
+
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w", format=getattr(tarfile, fmt)) as tf:
+        for k in range(3):
+            for ext, data in (("png", b"p" * (k + 600)), ("cls", str(k).encode())):
+                info = tarfile.TarInfo("d" * 120 + f"/{k:03d}.{ext}")  # long names: prefix / longname / pax
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    idx = index_tar(str(path))
+    raw = path.read_bytes()
+    assert not idx.damaged and [k[-3:] for k in idx.keys] == ["000", "001", "002"]
+    for k, members in enumerate(idx.samples):
+        off, size = members["cls"]
+        assert raw[off:off + size] == str(k).encode() and members["png"][1] == k + 600

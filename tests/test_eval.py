@@ -16,7 +16,7 @@ from eval.metrics import (fid_statistics, frechet_distance, inception_score, kid
                           save_reference)
 from tests.conftest import run_entry
 
-N_IMAGES = 6  # Inception at 299x299 costs ~6 GFLOP per image: keep the sets tiny
+N_IMAGES = 4  # Inception at 299x299 costs ~6 GFLOP per image: keep the sets tiny
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +96,7 @@ def test_metrics_equal_torch_fidelity(tmp_path, random_weights):
     assert (pr["precision"], pr["recall"]) == (theirs["precision"], theirs["recall"])
     # FID of a set with itself is ~0 (relative to the scale of the features)
     st = fid_statistics(fa[inception.POOL])
-    assert abs(frechet_distance(st, st)) < 1e-6 * np.trace(st["sigma"])
+    assert abs(frechet_distance(st, st)) < 1e-5 * np.trace(st["sigma"])
 
 
 def test_frechet_distance_closed_form():
@@ -151,7 +151,7 @@ def test_reference_from_shards_equals_folder_and_roundtrips(tmp_path, random_wei
     np.testing.assert_allclose(ref_s.mu, ref_f.mu, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ref_s.sigma, ref_f.sigma, rtol=1e-4, atol=1e-7)
     assert frechet_distance({"mu": ref_s.mu, "sigma": ref_s.sigma}, {"mu": ref_f.mu, "sigma": ref_f.sigma}) \
-        == pytest.approx(0.0, abs=1e-6 * np.trace(ref_f.sigma))
+        == pytest.approx(0.0, abs=1e-5 * np.trace(ref_f.sigma))
 
 
 def test_adm_reference_files_are_accepted_as_they_are(tmp_path):

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
 TRAIN_SH = REPO / "slurm" / "train.sh"
 XL_SH = REPO / "slurm" / "train_dit_xl.sh"
+EVAL_SH = REPO / "slurm" / "eval_fid.sh"
 TINY_CONFIG = "configs/runs/tiny_test.yaml"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                 "BOOT_FAIL", "DEADLINE"}
@@ -286,14 +287,31 @@ def _assert_finished(info: dict, run_dir: Path, log: Path, steps: int, world: in
     assert (run_dir / "model_ema.safetensors").exists()
 
 
-def test_train_two_tasks_one_node(slurm_cluster, mnist_shards, tmp_path):
-    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+def test_train_two_tasks_one_node_then_eval_fid(slurm_cluster, mnist_shards, tmp_path):
+    """slurm/train.sh with 2 tasks on one node; then slurm/eval_fid.sh (queued behind it with afterok) samples from
+    its checkpoint on 2 tasks, each rank generating its own share (sample i on rank i mod 2)."""
+    import numpy as np
+
+    run_dir, log, eval_dir, eval_log = tmp_path / "run", tmp_path / "job.out", tmp_path / "eval", tmp_path / "eval.out"
     job = slurm_cluster.sbatch(
-        TRAIN_SH, "--config", TINY_CONFIG, "--set", f"data.shards={mnist_shards}",
-        "--run-dir", str(run_dir), opts=("--nodes=1", "--ntasks-per-node=2", f"--output={log}"))
+        TRAIN_SH, "--config", TINY_CONFIG, "--set", f"data.shards={mnist_shards}", "--run-dir", str(run_dir),
+        opts=("--nodes=1", "--ntasks-per-node=2", f"--output={log}"))
+    eval_job = slurm_cluster.sbatch(
+        EVAL_SH, "--num-samples", "8", "--batch-size", "4", "--steps", "5", "--metrics", "none", "--grid", "8",
+        opts=(f"--dependency=afterok:{job}", "--ntasks=2", f"--output={eval_log}"),
+        env={"CKPT": str(run_dir), "OUT": str(eval_dir)})
     info = slurm_cluster.wait(job, log)
     _assert_finished(info, run_dir, log, steps=6, world=2)
     assert info["NodeList"] in ("n1", "n2") and info["NumTasks"] == "2", info
+
+    info = slurm_cluster.wait(eval_job, eval_log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{_tail(eval_log)}"
+    parts = sorted((eval_dir / "parts").glob("part_*.npz"))
+    indices = [np.load(p)["index"].tolist() for p in parts]
+    assert sorted(indices) == [[0, 2, 4, 6], [1, 3, 5, 7]], indices
+    record = json.loads((eval_dir / "metrics.json").read_text())
+    assert record["checkpoint"]["step"] == 6, record["checkpoint"]
+    assert (eval_dir / "grid.png").exists()
 
 
 def test_train_dit_xl_script_two_nodes_via_export(slurm_cluster, mnist_shards, tmp_path):

@@ -165,7 +165,8 @@ def test_bad_inputs_fail_with_one_line(small_shards, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert str(tmp_path / "missing") in proc.stderr.strip().splitlines()[-1]
     proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(tmp_path / "r2"),
-                      "--set", f"data.shards={small_shards}", "--set", "train.global_batch_size=7"], timeout=600)
+                      "--set", f"data.shards={small_shards}", "--set", "train.global_batch_size=7",
+                      "--set", "train.micro_batch_size=2"], timeout=600)
     assert proc.returncode == 2
     assert "train.global_batch_size=7" in proc.stderr.strip().splitlines()[-1]
     proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(tmp_path / "r3"),
