@@ -124,6 +124,7 @@ class Generator:
         side = int(model.input_size)
         self.sample_shape = (int(model.in_channels), side, side)
         self.vae = None
+        self._lowp: Dict[torch.dtype, torch.nn.Module] = {}
         if latent is not None:
             if vae is None:
                 from launch.vae_io import load_vae
@@ -149,7 +150,7 @@ class Generator:
         """``model_fn(x, t, y)`` for the sampler: the DiT (with CFG when ``cfg_scale != 1``) under ``dtype`` autocast."""
         from dit.samplers import make_cfg_model_fn
 
-        model = self.model
+        model = self.model_for(dtype)
         if cfg_scale != 1.0:
             if self.num_classes == 0:
                 raise InferenceError("classifier-free guidance needs a class-conditional model (num_classes = 0)")
@@ -167,6 +168,23 @@ class Generator:
                 return inner(x, t, y).float()
 
         return fn
+
+    def model_for(self, dtype: Optional[torch.dtype]) -> torch.nn.Module:
+        """The model to run under ``dtype`` autocast: for bf16/fp16 a copy whose Linear/Conv weights are stored in
+        that dtype. Autocast would cast exactly those tensors to exactly those values on every call, so the results
+        are identical; storing them once saves the casts (and half the weight memory traffic) at every step."""
+        if dtype is None or dtype == torch.float32:
+            return self.model
+        cached = self._lowp.get(dtype)
+        if cached is None:
+            import copy
+
+            cached = copy.deepcopy(self.model).eval().requires_grad_(False)
+            for mod in cached.modules():
+                if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+                    mod.to(dtype)
+            self._lowp = {dtype: cached}  # one low-precision copy at a time
+        return cached
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@
 #   sbatch slurm/train_dit_xl.sh                                  # from the repo root
 #   sbatch slurm/train_dit_xl.sh --set train.run_dir=runs/xl2_b   # extra launch/train.py arguments
 #
-# Same environment knobs as slurm/train.sh (OVERRIDES, RUN_DIR, RESUME, VENV, DIT_REPO, SRUN_ARGS).
+# Same environment knobs as slurm/train.sh (CONFIG replaces the XL config; OVERRIDES, RUN_DIR, RESUME, VENV,
+# DIT_REPO, SRUN_ARGS).
 # Adapt --partition/--account/--time/--cpus-per-task to your cluster.
 #
 #SBATCH --job-name=dit-xl2-in256

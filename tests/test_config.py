@@ -87,3 +87,17 @@ def test_entry_point_exits_2_with_one_line(script, tmp_path):
     assert lines[-1] == "config error: unknown config key 'train.lerning_rate'; valid keys in train: " + \
         lines[-1].split("valid keys in train: ")[1]
     assert "run_dir" in lines[-1]
+
+
+def test_readme_config_reference_is_generated_from_the_schema():
+    proc = run_entry(["launch/config_reference.py", "--check", "README.md"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_config_reference_documents_every_key():
+    from launch.config_reference import reference
+
+    rows = [line for line in reference().splitlines() if line.startswith("| `")]
+    assert len(rows) > 80
+    undocumented = [r.split("|")[1] for r in rows if r.rstrip().endswith("|  |")]
+    assert not undocumented, undocumented

@@ -177,8 +177,16 @@ cmd_down() {
     fi
     local files=("$dir/slurmctld.pid")
     for node in "${NODES[@]}"; do files+=("$dir/slurmd-$node.pid"); done
-    if [[ -e "$dir/munged.ours" ]]; then files+=(/run/munge/munged.pid); rm -f "$dir/munged.ours"; fi
     stop_pidfiles "${files[@]}"
+    # Stop munged if this cluster started it, unless another cluster (e.g. a concurrent test session) uses it.
+    if [[ -e "$dir/munged.ours" ]]; then
+        if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
+            log "leaving munged running: other SLURM daemons still use it"
+        else
+            stop_pidfiles /run/munge/munged.pid
+        fi
+        rm -f "$dir/munged.ours"
+    fi
     log "cluster in $dir stopped"
 }
 
