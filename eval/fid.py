@@ -102,19 +102,19 @@ def _init_process_group(world: int) -> None:
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def _barrier() -> None:
+def _barrier(use_dist: bool) -> None:
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if use_dist:
         dist.barrier()
 
 
-def _all_ok(ok: bool, message: str) -> None:
+def _all_ok(ok: bool, message: str, use_dist: bool) -> None:
     """Raise ``message`` on every rank if any rank is not ok (so no rank waits forever on a failed peer)."""
     import torch.distributed as dist
 
     flag = ok
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if use_dist:
         t = torch.tensor([1 if ok else 0], dtype=torch.int64)
         if dist.get_backend() == "nccl":
             t = t.cuda()
@@ -272,18 +272,17 @@ def _ckpt_fingerprint(meta: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def evaluate(gen: Any, meta: Dict[str, Any], settings: EvalSettings, out: Union[str, os.PathLike],
-             device: Union[str, torch.device, None] = None) -> Optional[Dict[str, Any]]:
+             device: Union[str, torch.device, None] = None, single_process: bool = False) -> Optional[Dict[str, Any]]:
     """Generate, merge and score on every rank of the current job; the result dict on rank 0, None elsewhere.
 
     ``gen`` is a ``launch.inference.Generator``; ``meta`` its checkpoint metadata (``weights_file`` and ``step``
-    are recorded). Uses the process group if one is initialised.
+    are recorded). Uses the process group if one is initialised, unless ``single_process`` (e.g. called from
+    rank 0 only), which generates everything here and runs no collective.
     """
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
+    use_dist = not single_process and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
     bad = [m for m in settings.metrics if m not in METRICS]
     if bad:
         raise ValueError(f"unknown metric(s) {bad}; valid: {', '.join(METRICS)}")
@@ -308,7 +307,7 @@ def evaluate(gen: Any, meta: Dict[str, Any], settings: EvalSettings, out: Union[
         if old != json.loads(json.dumps(key)):
             diff = sorted(k for k in set(old) | set(key) if old.get(k) != json.loads(json.dumps(key)).get(k))
             ok, msg = False, f"{out} holds samples made with other settings ({', '.join(diff)}); use another --out"
-    _all_ok(ok, msg)
+    _all_ok(ok, msg, use_dist)
     if rank == 0 and not key_file.is_file():
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".tmp-{os.getpid()}-generation.json"
@@ -321,10 +320,10 @@ def evaluate(gen: Any, meta: Dict[str, Any], settings: EvalSettings, out: Union[
     timing = generate_parts(gen, settings, out / "parts", rank, world, extractor)
     timing["wall_s"] = time.perf_counter() - t0
     timings = [timing]
-    if world > 1:
+    if use_dist:
         timings = [None] * world
         dist.all_gather_object(timings, timing)
-    _barrier()
+    _barrier(use_dist)
     if rank != 0:
         return None
     t1 = time.perf_counter()
@@ -362,10 +361,12 @@ def evaluate(gen: Any, meta: Dict[str, Any], settings: EvalSettings, out: Union[
 
 def evaluate_checkpoint(ckpt: Union[str, os.PathLike, Any], *, num_samples: int = 5000,
                         out: Union[str, os.PathLike, None] = None, device: Union[str, torch.device, None] = None,
-                        meta: Optional[Dict[str, Any]] = None, **settings: Any) -> Optional[Dict[str, Any]]:
+                        meta: Optional[Dict[str, Any]] = None, single_process: bool = False,
+                        **settings: Any) -> Optional[Dict[str, Any]]:
     """Small-N evaluation (e.g. FID-5K) for the trainer: ``ckpt`` is a checkpoint path or a loaded Generator.
 
-    Other keyword arguments are ``EvalSettings`` fields. Returns the record on rank 0 (None on other ranks).
+    Other keyword arguments are ``EvalSettings`` fields. Collective over the process group (every rank calls it)
+    unless ``single_process``. Returns the record on rank 0 (None on other ranks).
     """
     from launch.inference import load_checkpoint
 
@@ -379,7 +380,7 @@ def evaluate_checkpoint(ckpt: Union[str, os.PathLike, Any], *, num_samples: int 
             raise ValueError("evaluate_checkpoint with a Generator needs out=")
         default_out = Path(out)
     s = EvalSettings(num_samples=num_samples, **settings)
-    return evaluate(gen, meta, s, out if out is not None else default_out, device)
+    return evaluate(gen, meta, s, out if out is not None else default_out, device, single_process)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

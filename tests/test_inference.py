@@ -150,5 +150,3 @@ def test_bf16_stored_weights_equal_plain_autocast(tmp_path):
                 model_kwargs={"y": labels})
     assert torch.equal(got, gen.decode(x0))
     assert next(gen.model.parameters()).dtype == torch.float32  # the caller's model is left alone
-    fp32 = gen.sample_batch(labels, seeds, steps=4, cfg_scale=3.0)
-    assert not torch.equal(fp32, got) or True  # (tiny model: bf16 may or may not change a uint8 pixel)
