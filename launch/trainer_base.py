@@ -1,0 +1,364 @@
+"""The trainer skeleton shared by launch/train.py (DiT) and launch/train_vae.py (VAE).
+
+It owns what every run does the same way: resolving `--resume`, building the resumable data stream at the saved
+position, per-rank RNG states, checkpoint directories (temp name → rename, `latest`, pruning), refusing to save
+non-finite weights, the non-finite step counter, the run loop (all-reduced logging, periodic checkpoints, SIGUSR1/
+SIGTERM → checkpoint → exit 3) and the entry point's error handling. A subclass builds its models and says how to
+take one optimizer step, what to save, and what to do at the end.
+"""
+from __future__ import annotations
+
+import abc
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from launch import checkpoint as ckpt_io
+from launch.builders import batch_layout, data_record
+from launch.config import Config, ConfigError, add_config_args, config_from_args, config_to_dict
+from launch.distributed import DistInfo, barrier, cleanup, init_distributed
+from launch.run_utils import (EXIT_FAILED, EXIT_PREEMPTED, MetricsSink, PreemptionFlag, rng_state,
+                              seed_everything, set_rng_state, setup_logging, truncate_jsonl)
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite steps); the message says why."""
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True when `flag` holds on every rank (collective)."""
+    ok = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() > 0)
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in checkpoints."""
+    out = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    try:
+        import deepspeed
+
+        out["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    return out
+
+
+class TrainerBase(abc.ABC):
+    """Resume, data stream, RNG, checkpoints and the run loop; subclasses add models and the optimizer step.
+
+    Subclass protocol: set `CHECKPOINT_FORMAT` and `NAME`; in `__init__` call `super().__init__`, build the models
+    from `self.stream.manifest`, then call `self.finish_setup()`. Implement `train_step() -> metrics dict`,
+    `weights_finite()`, `save_state(tmp)` (collective part of a checkpoint), `write_files(tmp)` (rank 0's files),
+    `load_state(path, meta)`, `model_meta()`; optionally `on_step(step)`, `on_finish()`, `current_lr()`.
+    """
+
+    CHECKPOINT_FORMAT = "ditstack-train-1"
+    NAME = "train"
+
+    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, resume: Optional[str]) -> None:
+        from data_pipeline.loader import build_stream
+        from data_pipeline.manifest import ManifestError
+
+        self.cfg, self.info, self.run_dir = cfg, info, Path(run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.resume_from = ckpt_io.resolve_resume(resume, self.ckpt_root)
+        self.micro, self.accum = batch_layout(cfg, info.world_size)
+        if not cfg.data.shards:
+            raise ConfigError("data.shards is empty: set it to a shard directory (with manifest.json)")
+        self.meta = ckpt_io.read_meta(self.resume_from) if self.resume_from else None
+        if self.meta is not None and self.meta.get("format") != self.CHECKPOINT_FORMAT:
+            raise ckpt_io.CheckpointError(f"{self.resume_from}: not a {self.CHECKPOINT_FORMAT} checkpoint "
+                                          f"(format {self.meta.get('format')!r})")
+        positions = None
+        if self.meta is not None:
+            if self.meta.get("world_size") == info.world_size:
+                positions = self.meta.get("positions")
+            else:
+                log.warning("checkpoint was written by %s ranks, this run has %s: the data stream restarts at the "
+                            "beginning of epoch %s (the rest resumes exactly)", self.meta.get("world_size"),
+                            info.world_size, self.meta.get("epoch"))
+        stream_kwargs = dict(batch_size=self.micro, rank=info.rank, world_size=info.world_size,
+                             num_workers=cfg.data.num_workers, seed=cfg.train.seed, mode=cfg.data.mode,
+                             shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.flip)
+        try:
+            self.stream = build_stream(cfg.data.shards, position=positions[info.rank] if positions else None,
+                                       **stream_kwargs)
+        except ValueError as err:
+            if isinstance(err, (ManifestError, ConfigError)) or positions is None:
+                raise
+            raise ckpt_io.CheckpointError(f"{self.resume_from}: {err}") from None
+        if self.meta is not None and positions is None:  # new world size: restart the checkpoint's epoch
+            epoch = int(self.meta.get("epoch", 0))
+            position = dict(self.stream.position(), batches=epoch * self.stream.batches_per_epoch)
+            self.stream = build_stream(cfg.data.shards, position=position, **stream_kwargs)
+        self.data_info = data_record(self.stream.manifest)
+        self.step, self.nonfinite_total, self.bad_in_a_row = 0, 0, 0
+        # A private RNG for everything random in a step (timesteps, noise, label dropout, posterior samples),
+        # saved per rank: neither data-loader workers nor sampling grids can shift what an exact resume replays.
+        self.gen = torch.Generator(device=info.device)
+        self.gen.manual_seed(cfg.train.seed * 1_000_003 + info.rank)
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        self.sink: Optional[MetricsSink] = None
+
+    # ----------------------------------------------------------------------------------------- subclass API
+    @abc.abstractmethod
+    def model_meta(self) -> dict[str, Any]:
+        """What the checkpoint's meta.json records about the models (compared on resume)."""
+
+    @abc.abstractmethod
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns scalar metrics to log (averaged over the window and the ranks)."""
+
+    @abc.abstractmethod
+    def weights_finite(self) -> bool:
+        """True when this rank's weights (and averages) are finite."""
+
+    def save_state(self, tmp: Path) -> None:
+        """The collective part of a checkpoint (every rank calls it), e.g. a DeepSpeed engine save."""
+
+    def write_files(self, tmp: Path) -> None:
+        """Rank 0's files of a checkpoint (called before meta.json is written and the directory renamed)."""
+
+    @abc.abstractmethod
+    def load_state(self, path: Path, meta: dict) -> None:
+        """Restore models and optimizers from a checkpoint directory."""
+
+    def on_step(self) -> None:
+        """Called after every step (sample grids, reconstructions…)."""
+
+    def on_finish(self) -> None:
+        """Called once at the end of a completed run, on every rank (exports, final pictures)."""
+
+    def current_lr(self) -> Optional[float]:
+        """The learning rate to log."""
+        return None
+
+    flops_per_sample: Optional[float] = None
+    peak_flops: Optional[float] = None
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def finish_setup(self) -> None:
+        """Load the checkpoint (or seed every rank differently), open the metric sinks (call after building)."""
+        if self.meta is not None:
+            recorded = {k: self.meta.get(k) for k in self.model_meta()}
+            if recorded != self.model_meta():
+                raise ckpt_io.CheckpointError(f"{self.resume_from}: the checkpoint's models {recorded} do not match "
+                                              f"this config's {self.model_meta()}")
+            self.load_state(self.resume_from, self.meta)
+            self.step = int(self.meta["step"])
+            self.nonfinite_total = int(self.meta.get("nonfinite_steps", 0))
+            if self.meta.get("world_size") == self.info.world_size:
+                state = ckpt_io.load_rank_state(self.resume_from, self.info.rank)
+                set_rng_state(state["rng"])
+                self.gen.set_state(state["gen"])
+                self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+            else:
+                reseed = self.cfg.train.seed + self.info.rank + 7919 * self.step
+                seed_everything(reseed)
+                self.gen.manual_seed(self.cfg.train.seed * 1_000_003 + reseed)
+            log.info("resumed from %s at step %d (epoch %s)", self.resume_from, self.step, self.meta.get("epoch"))
+        else:
+            seed_everything(self.cfg.train.seed + self.info.rank)
+        self.iterator = iter(self.stream)
+        t = self.cfg.train
+        self.sink = MetricsSink(self.run_dir, self.info.is_main, config_to_dict(self.cfg), t.wandb, t.wandb_project)
+        if self.info.is_main:
+            truncate_jsonl(self.sink.path, self.step)  # a resumed run rewrites what came after its checkpoint
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """meta.json of a checkpoint of the current step (collective: gathers every rank's data position)."""
+        positions: list[Any] = [None] * self.info.world_size
+        position = self.stream.position()
+        if dist.is_initialized() and self.info.world_size > 1:
+            dist.all_gather_object(positions, position)
+        else:
+            positions = [position]
+        return {"format": self.CHECKPOINT_FORMAT, "step": self.step, "epoch": position.get("epoch", 0),
+                "world_size": self.info.world_size, "positions": positions, "config": config_to_dict(self.cfg),
+                "data": self.data_info, "nonfinite_steps": self.nonfinite_total,
+                "corrupt_samples": int(getattr(self.stream, "corrupt_count", 0)), "versions": versions(),
+                **self.model_meta()}
+
+    def save(self) -> Path:
+        """Write a complete checkpoint of the current step (collective); refuses non-finite weights."""
+        if not all_ranks_true(self.weights_finite(), self.info.device):
+            raise TrainingStopped(f"non-finite weights at step {self.step}: refusing to write a checkpoint")
+        tmp = ckpt_io.begin_save(self.ckpt_root, self.step, self.info.is_main)
+        self.save_state(tmp)
+        ckpt_io.save_rank_state(tmp, self.info.rank, {
+            "rng": rng_state(), "gen": self.gen.get_state(), "position": json.dumps(self.stream.position()),
+            "step": self.step, "bad_in_a_row": self.bad_in_a_row})
+        meta = self.checkpoint_meta()
+        final = ckpt_io.finish_save(self.ckpt_root, tmp, self.step, meta, self.cfg.train.keep_last,
+                                    self.info.is_main, write_extra=self.write_files)
+        log.info("checkpoint written: %s", final)
+        return final
+
+    # ------------------------------------------------------------------------------------------- training
+    def bad_step(self, what: str) -> None:
+        """Count a non-finite step; stop the run after `train.max_bad_steps` in a row."""
+        self.nonfinite_total += 1
+        self.bad_in_a_row += 1
+        log.warning("step %d: %s (%d in a row)", self.step + 1, what, self.bad_in_a_row)
+        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise TrainingStopped(f"{self.bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
+                                  f"{self.cfg.train.max_bad_steps}): lower train.lr, enable train.grad_clip or "
+                                  f"model.qk_norm, or resume from an earlier checkpoint")
+
+    def good_step(self) -> None:
+        """Reset the count of consecutive non-finite steps."""
+        self.bad_in_a_row = 0
+
+    def run(self) -> int:
+        """Train to `train.max_steps`; returns the process exit status."""
+        cfg, info = self.cfg, self.info
+        preempt = PreemptionFlag()
+        bar = None
+        if info.is_main and cfg.train.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=self.NAME, dynamic_ncols=True)
+        window: dict[str, list[float]] = {}
+        window_start, window_steps = time.perf_counter(), 0
+        last_saved = self.step if self.resume_from else -1
+        status = 0
+        try:
+            while self.step < cfg.train.max_steps:
+                for key, value in self.train_step().items():
+                    if math.isfinite(value):
+                        window.setdefault(key, []).append(value)
+                window_steps += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                    self._log(window, window_steps, time.perf_counter() - window_start, bar)
+                    window, window_steps, window_start = {}, 0, time.perf_counter()
+                self.on_step()
+                stop = preempt.should_stop(info.device)
+                if self.step % cfg.train.ckpt_every == 0 or stop:
+                    self.save()
+                    last_saved = self.step
+                if stop:
+                    log.warning("stopped by signal at step %d after checkpointing; exit %d (requeue)", self.step,
+                                EXIT_PREEMPTED)
+                    status = EXIT_PREEMPTED
+                    break
+            if status == 0:
+                if last_saved != self.step:
+                    self.save()
+                self.on_finish()
+                barrier()
+        finally:
+            preempt.restore()
+            if bar is not None:
+                bar.close()
+            if self.sink is not None:
+                self.sink.close()
+            self.stream.close()
+        return status
+
+    def _log(self, window: dict[str, list[float]], steps: int, seconds: float, bar: Any) -> None:
+        # Every rank logs the same keys at the same steps, so one all-reduce averages them over the ranks.
+        keys = sorted(window)
+        local = torch.tensor([sum(window[k]) / len(window[k]) for k in keys] or [0.0], dtype=torch.float64,
+                             device=self.info.device)
+        if dist.is_initialized() and self.info.world_size > 1:
+            dist.all_reduce(local, op=dist.ReduceOp.SUM)
+            local /= self.info.world_size
+        record: dict[str, Any] = {k: float(v) for k, v in zip(keys, local.tolist())}
+        samples_per_s = steps * self.cfg.train.global_batch_size / max(seconds, 1e-9)
+        record.update({"samples_per_s": samples_per_s, "step_time": seconds / max(steps, 1),
+                       "epoch": self.stream.position().get("epoch", 0), "nonfinite_steps": self.nonfinite_total,
+                       "corrupt_samples": int(getattr(self.stream, "corrupt_count", 0))})
+        lr = self.current_lr()
+        if lr is not None:
+            record["lr"] = lr
+        if self.flops_per_sample and self.peak_flops:
+            record["mfu"] = samples_per_s * self.flops_per_sample / (self.peak_flops * self.info.world_size)
+        assert self.sink is not None
+        self.sink.log(self.step, record)
+        if bar is not None:
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "rec", "lpips", "d_loss", "lr", "samples_per_s")
+                             if k in record})
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+def parse_args(description: str, argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Command-line arguments shared by the trainers."""
+    parser = argparse.ArgumentParser(description=description)
+    add_config_args(parser)
+    parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint of the run, if any) "
+                                                       "or a checkpoint directory")
+    parser.add_argument("--run-dir", default=None, help="run directory (default: train.run_dir)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def run_main(make_trainer: Callable[[Config, DistInfo, Path, Optional[str]], TrainerBase], description: str,
+             argv: Optional[list[str]] = None, use_deepspeed: bool = True,
+             input_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Parse args, set up ranks and logging, train, and map failures to exit codes with one-line messages.
+
+    Exit status: 0 done, 2 bad config or input (`ConfigError`, `CheckpointError`, a manifest problem and
+    `input_errors`), 3 checkpointed after a signal, 1 other failures (`TrainingStopped`, no readable data).
+    """
+    from data_pipeline.loader import NoReadableSamplesError
+    from data_pipeline.manifest import ManifestError
+
+    args = parse_args(description, argv)
+    cfg = config_from_args(args)
+    run_dir = Path(args.run_dir or cfg.train.run_dir)
+    info = init_distributed(use_deepspeed=use_deepspeed)
+    setup_logging(info.rank)
+    status = EXIT_FAILED
+    try:
+        if info.is_main:
+            import yaml
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        barrier()
+        trainer = make_trainer(cfg, info, run_dir, args.resume)
+        status = trainer.run()
+        if status == 0:
+            log.info("done: %d steps; run directory %s", trainer.step, run_dir)
+    except ConfigError as err:
+        log.error("config error: %s", err)
+        status = EXIT_CONFIG
+    except (ckpt_io.CheckpointError, ManifestError, *input_errors) as err:
+        log.error("%s", err)
+        status = EXIT_CONFIG
+    except (TrainingStopped, NoReadableSamplesError) as err:
+        log.error("training stopped: %s", err)
+        status = EXIT_FAILED
+    finally:
+        cleanup()
+    return status
+
+
+def exit_now(status: int) -> None:
+    """Exit without the interpreter's slow teardown (everything is written and closed by now).
+
+    Garbage-collecting the engine and the process group at shutdown takes 10-20 s for nothing, multiplied by
+    every rank and every requeue.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
