@@ -136,6 +136,8 @@ class EvalConfig:
     seed: int = 0  # sample i is drawn from a seed derived from (seed, i)
     ref: Optional[str] = None  # reference statistics (.npz from eval/reference.py, or ADM's reference batch)
     inception_weights: Optional[str] = None  # local Inception weights file (default: the torch hub cache)
+    metrics: list[str] = field(default_factory=lambda: ["fid", "is"])  # of fid, is, kid, pr ([] : no Inception)
+    classifier: Optional[Literal["mnist"]] = None  # offline quality metric: accuracy + Frechet distance of a classifier
     dtype: Literal["fp32", "bf16"] = "fp32"  # model dtype while sampling (recorded beside the number)
 
 
@@ -363,6 +365,9 @@ def _check_semantics(cfg: Config) -> None:
         raise ConfigError(f"train.betas: expected two values in [0, 1), got {cfg.train.betas}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    bad = [m for m in cfg.eval.metrics if m not in ("fid", "is", "kid", "pr")]
+    if bad:
+        raise ConfigError(f"eval.metrics: unknown metric {bad[0]!r}; valid choices: fid, is, kid, pr")
     for section in ("sample", "eval"):
         gc = getattr(cfg, section).guide_channels
         if gc != "all" and not (gc.isdigit() and int(gc) > 0):

@@ -1,6 +1,6 @@
 """Reconstruct held-out image shards with a VAE and report PSNR, SSIM and LPIPS, with a comparison grid.
 
-    python -m launch.reconstruct --vae RUN/vae.safetensors --shards data/mnist_val --out RUN/recon \
+    python launch/reconstruct.py --vae RUN/vae.safetensors --shards data/mnist_val --out RUN/recon \
         [--config C --set vae.perceptual.pretrained=false] [--num-images 1000] [--batch-size 64]
 
 PSNR and SSIM are computed on images mapped to [0, 1] (data range 1) after clamping the reconstruction; SSIM is
@@ -18,6 +18,9 @@ import os
 import sys
 from pathlib import Path
 from typing import Dict, Iterable, Optional
+
+if __package__ in (None, ""):  # `python launch/reconstruct.py` from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
@@ -133,19 +136,29 @@ def save_comparison_grid(x: torch.Tensor, rec: torch.Tensor, path: str | os.Path
     return path
 
 
-def iter_shard_images(shards: str, batch_size: int, seed: int = 0, num_workers: int = 0):
-    """One pass over image shards (no flips, shard order fixed by ``seed``): yields x [B, C, H, W] in [-1, 1]."""
+def iter_shard_images(shards: str, batch_size: int, seed: int = 0, max_images: Optional[int] = None):
+    """One pass over image shards (no flips, no shuffle buffer): yields x [B, C, H, W] in [-1, 1], the last batch
+    possibly smaller, up to ``max_images`` images (every image when None)."""
     from data_pipeline.loader import build_stream
 
-    stream = build_stream(shards, batch_size=batch_size, rank=0, world_size=1, num_workers=num_workers, seed=seed,
-                          mode="exact", shuffle_buffer=0, flip=False)
-    kind = (stream.manifest or {}).get("kind")
-    if kind not in (None, "image"):
-        raise ValueError(f"{shards}: manifest kind is {kind!r}; reconstruction needs image shards")
-    for i, (x, _) in enumerate(stream):
-        if i >= stream.batches_per_epoch:
-            break
-        yield x
+    # batch size 1 underneath: a training stream drops the incomplete last batch, an evaluation must not
+    stream = build_stream(shards, batch_size=1, rank=0, world_size=1, num_workers=0, seed=seed, mode="exact",
+                          shuffle_buffer=0, flip=False)
+    try:
+        kind = (stream.manifest or {}).get("kind")
+        if kind not in (None, "image"):
+            raise ValueError(f"{shards}: manifest kind is {kind!r}; reconstruction needs image shards")
+        total = stream.batches_per_epoch if max_images is None else min(max_images, stream.batches_per_epoch)
+        it = iter(stream)
+        done = 0
+        while done < total:
+            n = min(batch_size, total - done)
+            yield torch.cat([next(it)[0] for _ in range(n)])
+            done += n
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -185,8 +198,8 @@ def main(argv: Optional[list] = None) -> int:
         perceptual = None if args.no_lpips else build_perceptual(cfg.vae.perceptual.net,
                                                                  cfg.vae.perceptual.pretrained, device)
         gen = torch.Generator(device=device).manual_seed(args.seed)
-        res = evaluate_reconstruction(vae, iter_shard_images(shards, args.batch_size, seed=args.seed), perceptual,
-                                      max_images=args.num_images or None, sample=args.sample, generator=gen)
+        images = iter_shard_images(shards, args.batch_size, seed=args.seed, max_images=args.num_images or None)
+        res = evaluate_reconstruction(vae, images, perceptual, sample=args.sample, generator=gen)
     except (VAELoadError, LPIPSWeightsMissing, FileNotFoundError, ValueError) as err:
         print(f"error: {str(err).splitlines()[0] if str(err) else err!r}", file=sys.stderr)
         return 2

@@ -298,13 +298,15 @@ class _LPIPSWrapper(torch.nn.Module):
         return self.inner(x, y).flatten(1).mean(1)
 
 
-def build_perceptual(net: str = "vgg", pretrained: bool = True,
-                     device: str | torch.device = "cpu") -> torch.nn.Module:
+def build_perceptual(net: str = "vgg", pretrained: bool = True, device: str | torch.device = "cpu",
+                     seed: int = 0) -> torch.nn.Module:
     """A frozen LPIPS module ``(x, y) -> [B]`` distances for images in [-1, 1].
 
     ``pretrained=True`` needs the torchvision backbone file in the torch hub cache and raises
     LPIPSWeightsMissing (one line: where to put it, where to get it) when it is absent; ``pretrained=False`` uses a
-    randomly initialised backbone with LPIPS's shipped linear heads (for tests and offline demos).
+    randomly initialised backbone with LPIPS's shipped linear heads (for tests and offline demos), drawn from
+    ``seed`` without touching the global RNG, so every rank, every resume and launch/reconstruct.py measure with
+    the same random network.
     """
     import warnings
 
@@ -318,7 +320,8 @@ def build_perceptual(net: str = "vgg", pretrained: bool = True,
             raise LPIPSWeightsMissing(
                 f"LPIPS backbone weights not found: put {file.name} at {file} (download it from {url}; the directory "
                 f"follows $TORCH_HOME), or set vae.perceptual.pretrained=false for a random backbone")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore")  # torchvision's `pretrained=` deprecation warning inside lpips
+        torch.manual_seed(seed)
         module = lpips.LPIPS(net=net, pnet_rand=not pretrained, verbose=False)
     return _LPIPSWrapper(module, _LPIPS_MIN_SIZE[net]).to(device).eval().requires_grad_(False)
