@@ -192,7 +192,7 @@ def test_fid_cli_scores_against_a_reference(tmp_path, random_weights):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads((out / "metrics.json").read_text())
     m = rec["metrics"]
-    assert np.isfinite(m["fid"]) and m["fid"] > 0 and m["is_mean"] >= 1.0 and 0 <= m["precision"] <= 1
+    assert np.isfinite(m["fid"]) and m["fid"] > 0 and m["is_mean"] >= 1.0 - 1e-9 and 0 <= m["precision"] <= 1
     s = rec["settings"]
     assert (s["num_samples"], s["steps"], s["sampler"], s["cfg_scale"], s["dtype"], s["guide_channels"]) == \
         (5, 3, "ddpm", 2.0, "bf16", "all")
