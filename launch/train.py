@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 
 from launch import checkpoint as ckpt_io
 from launch.builders import deepspeed_config, diffusion_kwargs, latent_record, model_kwargs
-from launch.config import Config
+from launch.config import Config, ConfigError
 from launch.distributed import DistInfo
 from launch.engine_ema import EngineEMA
 from launch.run_utils import fault_step
@@ -115,7 +115,14 @@ class Trainer(TrainerBase):
         self.ema = EngineEMA(self.engine.module, cfg.train.ema_decay)
         self.flops_per_sample = 3.0 * model.model_flops_per_sample()
         self.peak_flops = _peak_flops(info.device, cfg.train.precision)
-        self._grid_generator = None  # EMA model + VAE for the sample grids, built on first use (rank 0)
+        self._generator = None  # EMA model + VAE for grids and evaluation, built on first use
+        if cfg.train.eval_every and cfg.eval.metrics:  # fail now, not hours into the run
+            from eval.inception import resolve_weights
+
+            if set(cfg.eval.metrics) & {"fid", "kid", "pr"} and not (cfg.eval.ref and Path(cfg.eval.ref).is_file()):
+                raise ConfigError(f"eval.ref: {cfg.eval.metrics} need reference statistics, got {cfg.eval.ref!r} "
+                                  f"(make them with python eval/reference.py --shards DIR --out ref.npz)")
+            resolve_weights(cfg.eval.inception_weights)
         self.finish_setup()
 
     # -------------------------------------------------------------------------------------- checkpointing
@@ -156,37 +163,63 @@ class Trainer(TrainerBase):
             _save_safetensors(state, out, self._header())
 
     # ------------------------------------------------------------------------------------------- sampling
+    def _ema_generator(self, state: dict[str, torch.Tensor]) -> Any:
+        """A `launch.inference.Generator` holding the EMA weights `state` (built once, then reloaded)."""
+        if self._generator is None:
+            from dit.models import DiT
+            from launch.inference import Generator
+
+            model = DiT(**self.model_kwargs).to(self.info.device).eval()
+            self._generator = Generator(model, self.diffusion_kwargs, self.data_info, self.latent, self.info.device)
+        self._generator.model.load_state_dict(state)
+        return self._generator
+
     def sample_grid(self) -> Optional[Path]:
         """Save a grid of EMA samples with fixed noise and labels (collective for the EMA gather)."""
-        from launch.inference import Generator
         from launch.visuals import save_image_grid
 
         state = self.ema.full_state_dict()
         if not self.info.is_main:
             return None
         s = self.cfg.sample
-        if self._grid_generator is None:
-            from dit.models import DiT
-
-            model = DiT(**self.model_kwargs).to(self.info.device).eval()
-            self._grid_generator = Generator(model, self.diffusion_kwargs, self.data_info, self.latent,
-                                             self.info.device)
-        gen = self._grid_generator
-        gen.model.load_state_dict(state)
         labels = _sample_labels(self.num_classes, self.cfg)
-        images = gen.generate(labels=labels, seeds=list(range(len(labels))), sampler=s.sampler, steps=s.steps,
-                              eta=s.eta, cfg_scale=s.cfg_scale if self.num_classes else 1.0,
-                              guide_channels=s.guide_channels, guidance_interval=s.guidance_interval,
-                              batch_size=64, dtype=torch.bfloat16 if self.cfg.train.precision == "bf16" else None)
+        images = self._ema_generator(state).generate(
+            labels=labels, seeds=list(range(len(labels))), sampler=s.sampler, steps=s.steps, eta=s.eta,
+            cfg_scale=s.cfg_scale if self.num_classes else 1.0, guide_channels=s.guide_channels,
+            guidance_interval=s.guidance_interval, batch_size=64,
+            dtype=torch.bfloat16 if self.cfg.train.precision == "bf16" else None)
         out = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         save_image_grid(images, out, nrow=self.cfg.train.sample_per_class if self.num_classes else 8,
                         transpose=bool(self.num_classes))
         return out
 
+    def evaluate(self) -> Optional[dict]:
+        """Small-N evaluation of the EMA weights with the `eval` settings, on every rank (collective)."""
+        from eval.fid import evaluate_checkpoint
+
+        e = self.cfg.eval
+        gen = self._ema_generator(self.ema.full_state_dict())
+        record = evaluate_checkpoint(
+            gen, meta=self._header(), num_samples=self.cfg.train.eval_num_samples,
+            out=self.run_dir / "eval" / f"step_{self.step:07d}", device=self.info.device, batch_size=e.batch_size,
+            sampler=e.sampler, steps=e.steps, eta=e.eta, cfg_scale=e.cfg_scale if self.num_classes else 1.0,
+            guide_channels=e.guide_channels, guidance_interval=e.guidance_interval, seed=e.seed, dtype=e.dtype,
+            metrics=tuple(e.metrics), ref=e.ref, inception_weights=e.inception_weights, classifier=e.classifier,
+            classifier_data=self.cfg.data.shards if e.classifier else None)
+        if record is not None:
+            scalars = {f"eval_{k}": float(v) for k, v in record["metrics"].items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.sink.log(self.step, scalars)
+            log.info("step %d eval (N=%d): %s", self.step, self.cfg.train.eval_num_samples,
+                     ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+        return record
+
     def on_step(self) -> None:
         every = self.cfg.train.sample_every
         if every and self.step % every == 0:
             self.sample_grid()
+        if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
+            self.evaluate()
 
     def on_finish(self) -> None:
         every = self.cfg.train.sample_every
@@ -280,7 +313,9 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path, header: dict[s
 # ------------------------------------------------------------------------------------------------ entry point
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the DiT trainer; returns the exit status."""
-    return run_main(Trainer, __doc__.split("\n")[0], argv)
+    from eval.inception import InceptionWeightsMissing
+
+    return run_main(Trainer, __doc__.split("\n")[0], argv, input_errors=(InceptionWeightsMissing,))
 
 
 if __name__ == "__main__":

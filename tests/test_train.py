@@ -197,3 +197,32 @@ def test_nonfinite_weights_are_never_saved(small_shards, tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "non-finite weights at step 3: refusing to write a checkpoint" in proc.stderr
     assert not list((run / "checkpoints").glob("step_*"))
+
+
+@pytest.mark.slow
+def test_in_training_eval_logs_metrics_and_missing_inception_fails_early(small_shards, tmp_path):
+    from eval.inception import write_random_weights
+
+    weights_file = write_random_weights(tmp_path / "inception_random.pth")
+    ref = tmp_path / "ref.npz"
+    proc = run_entry(["eval/reference.py", "--shards", str(small_shards), "--out", str(ref),
+                      "--inception-weights", str(weights_file), "--max-images", "16"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "evalrun"
+    proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(run), "--set", f"data.shards={small_shards}",
+                      "--set", "train.max_steps=2", "--set", "train.eval_every=2", "--set", "train.eval_num_samples=4",
+                      "--set", "eval.sampler=ddim", "--set", "eval.steps=2", "--set", "eval.metrics=[fid]",
+                      "--set", f"eval.inception_weights={weights_file}", "--set", f"eval.ref={ref}"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "eval" / "step_0000002" / "metrics.json").read_text())
+    assert metrics["settings"]["num_samples"] == 4 and metrics["checkpoint"]["step"] == 2
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    fid = [r["eval_fid"] for r in logged if "eval_fid" in r]
+    assert len(fid) == 1 and fid[0] == pytest.approx(metrics["metrics"]["fid"])
+
+    proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(tmp_path / "noinc"),
+                      "--set", f"data.shards={small_shards}", "--set", "train.eval_every=2", "--set", f"eval.ref={ref}",
+                      "--set", f"eval.inception_weights={tmp_path / 'absent.pth'}"], timeout=600)
+    assert proc.returncode == 2
+    assert "absent.pth" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "noinc" / "checkpoints").exists()
