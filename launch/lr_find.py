@@ -194,7 +194,8 @@ def plot_curve(result: dict[str, Any], out: Path) -> Path:
     ax.set_xscale("log")
     sm = [v for v in result["smoothed_loss"] if math.isfinite(v)]
     if sm:  # keep the interesting part in view: the divergent tail would squash it
-        lo, hi = min(sm), min(max(sm), 4 * min(sm) if min(sm) > 0 else max(sm))
+        lo = min(sm)
+        hi = min(max(sm), 1.1 * max(sm[: max(2, len(sm) // 2)]))  # the first half: before any divergence
         ax.set_ylim(lo - 0.05 * (hi - lo + 1e-12), hi + 0.15 * (hi - lo + 1e-12))
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
