@@ -75,7 +75,7 @@ class Stepper:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return float(loss)
+        return loss.detach().item()
 
 
 def ours_forward(model, x, t, y):

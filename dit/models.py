@@ -132,6 +132,11 @@ class DiT(nn.Module):
         random label dropout, as in the official code.
         """
         x = self.x_embedder(x.to(self.x_embedder.proj.weight.dtype)) + self.pos_embed
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # Under CPU autocast the token stream itself runs in the low precision: LayerNorm, modulation and the
+            # residual adds then need no casts and half the memory traffic (CPU autocast would otherwise bounce
+            # every block between fp32 and bf16). LayerNorm statistics are still accumulated in fp32.
+            x = x.to(torch.get_autocast_dtype("cpu"))
         t_emb, y_emb = self._conditioning(t, y, force_drop_ids)
         if self.conditioning in ("adaln_zero", "adaln"):
             # The SiLU in front of every adaLN linear is the same function of c: apply it once here.

@@ -38,3 +38,15 @@ def mnist_shards(tmp_path_factory) -> Path:
                       "--shard-size", "500", "--max-samples", "2000"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """In-process tests use one intra-op thread: on a 2-core machine shared with subprocess ranks, two threads
+    oversubscribe the cores (measured up to 30x slower); subprocess entry points set OMP_NUM_THREADS themselves."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

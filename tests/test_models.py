@@ -13,6 +13,15 @@ from dit.models import DiT, DiT_models, preset_kwargs
 VARIANTS = ["adaln_zero", "adaln", "cross_attn", "in_context"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: threading only adds synchronisation cost (and the CPU is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(**kw) -> DiT:
     """A small DiT (8x8x4 latents, patch 2) with every zero-initialised weight randomised."""
     args = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10,
@@ -273,3 +282,15 @@ def test_bf16_autocast_matches_fp32_closely():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(x, t, y)
     assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_low_precision_cpu_attention_path_matches_float64():
+    from dit.layers import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v)
+    got = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert (got.double() - want).abs().max() < 0.05
+    torch.testing.assert_close(attention(q, k, v), want)
