@@ -77,10 +77,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert metrics["digits_n"] == 100
     assert summary["digits_accuracy"] == metrics["digits_accuracy"]
     assert 0.0 <= metrics["digits_accuracy"] <= 1.0
-    # Measured here: the quick recipe (150 DiT steps) draws digit-like strokes (FD-digits 82) but has not learned the
-    # class conditioning yet (accuracy 10 %, chance); 30 steps gave FD 142 and noise-like images. So the check is
-    # on the Fréchet distance to real digits, far below that of noise; see the report for the accuracy.
-    assert metrics["digits_fd"] < 120
+    # Measured here: the quick recipe (1200 DiT steps of 32) reaches 48 % accuracy, FD-digits 47.5 (chance is 10 %;
+    # the full demo 97.6 %, FD 11.8; an untrained model draws noise with FD > 140). Margins cover run-to-run noise.
+    assert metrics["digits_accuracy"] > 0.25
+    assert metrics["digits_fd"] < 100
     assert "metric:" in proc.stdout and str(out) in proc.stdout
     # a rerun finds every stage complete and only prints the summary again
     proc = run_entry(["launch/demo.py", "--quick", "--out", str(out)], timeout=600)
