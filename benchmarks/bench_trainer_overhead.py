@@ -39,7 +39,7 @@ def bare_steps(trainer: Trainer, n: int) -> float:
     model = DiT(**trainer.model_kwargs).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     diffusion = create_diffusion(**trainer.diffusion_kwargs)
-    x, y = next(iter(trainer.stream))
+    x, y = next(trainer.iterator)  # one batch of the same stream, kept in memory
     precision = trainer.cfg.train.precision
 
     def fn(xt, t, y):
