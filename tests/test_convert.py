@@ -18,13 +18,6 @@ diffusers = pytest.importorskip("diffusers")
 HEADS, HIDDEN, DEPTH, PATCH, SIZE, CH, CLASSES = 2, 32, 3, 2, 8, 4, 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_diffusers(seed: int = 0, tie: bool = True):
     """A randomly initialised diffusers DiT; with tie=True every block shares block 0's embedder values."""

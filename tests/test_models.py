@@ -13,14 +13,6 @@ from dit.models import DiT, DiT_models, preset_kwargs
 VARIANTS = ["adaln_zero", "adaln", "cross_attn", "in_context"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: threading only adds synchronisation cost (and the CPU is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny(**kw) -> DiT:
     """A small DiT (8x8x4 latents, patch 2) with every zero-initialised weight randomised."""

@@ -15,16 +15,6 @@ from tests.conftest import run_entry
 PSNR_FLOOR_DB = 12.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as the subprocess entry points get (conftest): on a shared, oversubscribed CPU two
-    spinning OpenMP threads make these tiny convolutions many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory) -> dict:
     """16x16 MNIST image shards: 512 training and 64 held-out digits."""
