@@ -9,7 +9,6 @@ PYTEST_ARGS ?=
 # glibc returns freed blocks to the OS by default; the page faults cost ~1/5 of a CPU training step (DESIGN.md)
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
-export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true

@@ -111,15 +111,6 @@ def init_distributed(use_deepspeed: bool = True) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
 
 
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over all ranks (identity without a process group)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= dist.get_world_size()
-    return values
-
-
 def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
