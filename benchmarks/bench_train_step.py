@@ -86,7 +86,8 @@ def diffusers_forward(model, x, t, y):
     return model(x, t, y).sample
 
 
-def time_alternating(steppers: dict[str, Stepper], reps: int, warmup: int) -> dict[str, list[float]]:
+def time_alternating(steppers: dict[str, Stepper], reps: int, warmup: int,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Step times (s) per stepper, run in turns (the order rotates every repetition)."""
     names = list(steppers)
     for _ in range(warmup):
@@ -96,9 +97,9 @@ def time_alternating(steppers: dict[str, Stepper], reps: int, warmup: int) -> di
     for r in range(reps):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             steppers[n]()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(clock() - t0)
     return times
 
 
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="DiT-S/2", choices=list(DiT_models))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU time (use with --threads 1): the work itself, robust to other jobs on a "
+                         "shared machine, which wall-clock ratios are not")
     ap.add_argument("--reps", type=int, default=10, help="timed steps per model and precision")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,bf16")
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     ours, theirs = build_models(args.model, args.batch, args.seed)
     if args.no_diffusers:
         theirs = None
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.randint(0, 1000, (args.batch,), generator=g), torch.randn(args.batch, 8, 32, 32, generator=g))
     env = {k: os.environ.get(k) for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
     results: dict = {"model": args.model, "batch": args.batch, "threads": args.threads, "reps": args.reps,
+                     "clock": args.clock,
                      "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "env": env,
                      "command": " ".join([sys.executable.split("/")[-1], *sys.argv])}
 
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             steppers["diffusers"] = Stepper(theirs, diffusers_forward, data, precision)
         if args.compile:
             steppers["ours_compiled"] = Stepper(torch.compile(ours), ours_forward, data, precision)
-        times = time_alternating(steppers, args.reps, args.warmup)
+        times = time_alternating(steppers, args.reps, args.warmup, clock)
         res = summary(times, args.batch)
         if theirs is not None:
             res["speedup_vs_diffusers"] = res["diffusers"]["median_s"] / res["ours"]["median_s"]
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         ours_ckpt, _ = build_models(args.model, args.batch, args.seed)
         ours_ckpt.set_grad_checkpointing(True)
         ckpt = Stepper(ours_ckpt, ours_forward, data, precision)
-        times = time_alternating({"plain": plain, "ckpt": ckpt}, args.reps, args.warmup)
+        times = time_alternating({"plain": plain, "ckpt": ckpt}, args.reps, args.warmup, clock)
         peaks = {n: live_tensor_peak(s) for n, s in (("plain", plain), ("ckpt", ckpt))}
         static = {n: static_bytes(s) for n, s in (("plain", plain), ("ckpt", ckpt))}
         res = summary(times, args.batch)

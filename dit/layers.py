@@ -33,6 +33,32 @@ def approx_gelu() -> nn.Module:
     return nn.GELU(approximate="tanh")
 
 
+def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True for bf16 inference on the CPU with bf16-stored weights, where oneDNN's fused linear applies."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available())
+
+
+def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """`layer(x)`, followed by the tanh GELU when `gelu`.
+
+    For bf16 inference on the CPU (weights stored in bf16, no autograd) this is one oneDNN call with the bias and
+    the GELU applied in the matmul epilogue: ATen's bf16 tanh-GELU alone costs 4x the matmul it follows, and the
+    bias add is a second pass over the output. Everywhere else: the plain modules.
+    """
+    if _onednn_inference(x, layer.weight):
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias,
+                                                 "gelu" if gelu else "none", [], "tanh" if gelu else "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+    out = layer(x)
+    return F.gelu(out, approximate="tanh") if gelu else out
+
+
+def mlp(module: Mlp, x: torch.Tensor) -> torch.Tensor:
+    """timm `Mlp` (fc1, tanh GELU, fc2; no dropout or norm, as built by the blocks here) applied to x."""
+    return linear(module.fc2, linear(module.fc1, x, gelu=True))
+
+
 # --------------------------------------------------------------------------------------------- positions
 def get_1d_sincos_pos_embed(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     """Sin-cos embedding [M, embed_dim] of the positions `pos` (any shape, flattened), sin half first."""
@@ -118,14 +144,19 @@ class LabelEmbedder(nn.Module):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over [N, H, T, d] tensors.
 
-    `scaled_dot_product_attention` (flash kernels) everywhere, except for bf16/fp16 tensors on the CPU: there the
-    explicit softmax(QK^T)V is ~2x faster in forward+backward than the CPU flash kernel (measured on a 2-core
-    Sapphire Rapids, DiT-S/2 shapes; see benchmarks/RESULTS.md); the scores are then rounded to bf16 like in any
-    non-fused attention under autocast.
+    `scaled_dot_product_attention` (flash kernels) everywhere, except when training in bf16/fp16 on the CPU: the
+    CPU flash kernel's backward is slow, and the explicit softmax(QK^T)V (scale folded into the batched matmul)
+    was 1.5x faster in forward+backward for DiT-S/2 shapes on a 2-core Sapphire Rapids (benchmarks/RESULTS.md);
+    its scores are then rounded to bf16 like in any non-fused attention under autocast. Without gradients the
+    flash kernel is the fastest on the CPU too (4x the explicit forward).
     """
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-        return scores.softmax(dim=-1) @ v
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and needs_grad:
+        *batch, t, d = q.shape
+        q3, k3, v3 = (z.reshape(-1, z.shape[-2], d) for z in (q, k, v))
+        scores = torch.baddbmm(q3.new_zeros(()).expand(1, 1, 1), q3, k3.transpose(-1, -2), beta=0.0,
+                               alpha=d ** -0.5)
+        return torch.bmm(scores.softmax(dim=-1), v3).view(*batch, t, d)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -146,10 +177,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, T, D] → [N, T, D]."""
         n, t, d = x.shape
-        q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = linear(self.qkv, x).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if x.device.type == "cpu":
+            # One copy into [3, N, H, T, d] instead of one per operand inside each matmul (and its backward).
+            qkv = qkv.contiguous()
+        q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         out = attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+        return linear(self.proj, out.transpose(1, 2).reshape(n, t, d))
 
 
 class CrossAttention(nn.Module):
@@ -194,7 +229,7 @@ class DiTBlock(nn.Module):
         """x [N, T, D], c = silu(conditioning) [N, D] (the SiLU is applied once by the model)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation[1](c).chunk(6, dim=1)
         x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
-        return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return gated_residual(x, gate_mlp, mlp(self.mlp, modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class AdaLNBlock(nn.Module):
@@ -214,7 +249,7 @@ class AdaLNBlock(nn.Module):
         """x [N, T, D], c = silu(conditioning) [N, D]."""
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation[1](c).chunk(4, dim=1)
         x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + mlp(self.mlp, modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class CrossAttnBlock(nn.Module):
@@ -235,7 +270,7 @@ class CrossAttnBlock(nn.Module):
         """x [N, T, D], c = conditioning tokens [N, S, D]."""
         x = x + self.attn(self.norm1(x))
         x = x + self.cross_attn(self.norm_cross(x), c)
-        return x + self.mlp(self.norm2(x))
+        return x + mlp(self.mlp, self.norm2(x))
 
 
 class InContextBlock(nn.Module):
@@ -253,7 +288,7 @@ class InContextBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [N, S + T, D] (conditioning tokens first); c is unused."""
         x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        return x + mlp(self.mlp, self.norm2(x))
 
 
 BLOCKS = {"adaln_zero": DiTBlock, "adaln": AdaLNBlock, "cross_attn": CrossAttnBlock, "in_context": InContextBlock}

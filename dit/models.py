@@ -132,11 +132,16 @@ class DiT(nn.Module):
         random label dropout, as in the official code.
         """
         x = self.x_embedder(x.to(self.x_embedder.proj.weight.dtype)) + self.pos_embed
+        stream_dtype = x.dtype
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # Under CPU autocast the token stream itself runs in the low precision: LayerNorm, modulation and the
             # residual adds then need no casts and half the memory traffic (CPU autocast would otherwise bounce
             # every block between fp32 and bf16). LayerNorm statistics are still accumulated in fp32.
-            x = x.to(torch.get_autocast_dtype("cpu"))
+            stream_dtype = torch.get_autocast_dtype("cpu")
+        # The patch embedding yields a transposed (channels-first) view and elementwise ops keep that layout:
+        # without this one copy every LayerNorm and linear of every block would copy its input (and again in
+        # the backward).
+        x = x.to(stream_dtype, memory_format=torch.contiguous_format)
         t_emb, y_emb = self._conditioning(t, y, force_drop_ids)
         if self.conditioning in ("adaln_zero", "adaln"):
             # The SiLU in front of every adaLN linear is the same function of c: apply it once here.

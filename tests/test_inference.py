@@ -134,7 +134,8 @@ def test_latent_checkpoint_decodes_with_denormalisation(tmp_path):
 
 
 def test_bf16_stored_weights_equal_plain_autocast(tmp_path):
-    """The bf16 copy (Linear/Conv weights stored in bf16) gives exactly what autocast on the fp32 model gives."""
+    """The bf16 copy (Linear/Conv weights stored in bf16, fused CPU inference ops) gives the images autocast on the
+    fp32 model gives."""
     from dit.samplers import make_cfg_model_fn, sample
 
     gen, _ = load_checkpoint(tiny_checkpoint(tmp_path / "m.safetensors"))

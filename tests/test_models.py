@@ -276,13 +276,50 @@ def test_bf16_autocast_matches_fp32_closely():
     assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
 
-def test_low_precision_cpu_attention_path_matches_float64():
+def test_low_precision_cpu_attention_paths_match_float64():
+    """Both CPU bf16 paths (explicit when training, flash without gradients) agree with float64 attention."""
     from dit.layers import attention
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 17, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(2, 3, 17, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    gout = torch.randn(2, 3, 17, 8, generator=g, dtype=torch.float64)
     want = F.scaled_dot_product_attention(q, k, v)
-    got = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    want_grads = torch.autograd.grad(want, (q, k, v), gout)
+    low = [z.detach().bfloat16().requires_grad_() for z in (q, k, v)]
+    got = attention(*low)  # training path
     assert got.dtype == torch.bfloat16
     assert (got.double() - want).abs().max() < 0.05
-    torch.testing.assert_close(attention(q, k, v), want)
+    for gg, wg in zip(torch.autograd.grad(got, low, gout.bfloat16()), want_grads):
+        assert (gg.double() - wg).abs().max() < 0.05 * wg.abs().max()
+    with torch.no_grad():  # inference path
+        assert (attention(*low).double() - want).abs().max() < 0.05
+        torch.testing.assert_close(attention(q, k, v), want)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_fused_cpu_bf16_inference_linear_matches_float64(gelu):
+    """The oneDNN linear(+tanh GELU) used for bf16 CPU inference computes the same function as the modules."""
+    from dit.layers import _onednn_inference, linear
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    x = torch.randn(3, 17, 64, generator=g)
+    ref = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    ref = F.gelu(ref, approximate="tanh") if gelu else ref
+    low = torch.nn.Linear(64, 96).bfloat16()
+    low.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert _onednn_inference(x.bfloat16(), low.weight) == torch.backends.mkldnn.is_available()
+        got = linear(low, x.bfloat16(), gelu=gelu)
+    assert got.shape == (3, 17, 96) and got.dtype == torch.bfloat16
+    # bf16 inputs/weights: errors of a few bf16 ulps of the output scale, like the unfused modules under autocast
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = layer(x)
+        plain = F.gelu(plain, approximate="tanh") if gelu else plain
+    err_fused = (got.double() - ref).abs().max()
+    err_plain = (plain.double() - ref).abs().max()
+    assert err_fused <= 2 * err_plain + 1e-3, (err_fused, err_plain)
+    # with gradients the plain modules run (the fused op has no backward)
+    xg = x.bfloat16().requires_grad_()
+    linear(low, xg, gelu=gelu).float().sum().backward()
+    assert xg.grad is not None
