@@ -93,6 +93,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16: autocast over fp32 master weights; fp32: exact (resume tests)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ema_decay: float = 0.9999  # EMA of the weights; samples, eval and exports use it
+    ema_every: int = 1  # DiT trainer: fold the weights into the EMA every k steps with ema_decay**k (1: every step, the DiT recipe; see launch/engine_ema.py)
     compile: bool = False  # torch.compile the model through DeepSpeed's engine.compile()
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
     log_every: int = 50  # log the all-reduced loss, lr, grad norm, throughput every N steps
@@ -354,7 +355,8 @@ def _check_semantics(cfg: Config) -> None:
             raise ConfigError(f"model.name 'custom' needs model.{', model.'.join(missing)}")
     positive = {"train.max_steps": cfg.train.max_steps, "train.global_batch_size": cfg.train.global_batch_size,
                 "train.log_every": cfg.train.log_every, "train.ckpt_every": cfg.train.ckpt_every,
-                "train.keep_last": cfg.train.keep_last, "diffusion.diffusion_steps": cfg.diffusion.diffusion_steps,
+                "train.keep_last": cfg.train.keep_last, "train.ema_every": cfg.train.ema_every,
+                "diffusion.diffusion_steps": cfg.diffusion.diffusion_steps,
                 "sample.steps": cfg.sample.steps, "eval.steps": cfg.eval.steps, "eval.batch_size": cfg.eval.batch_size}
     for key, value in positive.items():
         if value <= 0:

@@ -92,9 +92,10 @@ class PreemptionFlag:
 
     def should_stop(self, device: torch.device) -> bool:
         """True on every rank when any rank received a signal (collective: call it on all ranks together)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.received is not None
         flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
     def restore(self) -> None:

@@ -39,10 +39,11 @@ class TrainingStopped(RuntimeError):
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    """True when `flag` holds on every rank (collective)."""
+    """True when `flag` holds on every rank (collective; one process: no tensor, no device sync)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(flag)
     ok = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item() > 0)
 
 

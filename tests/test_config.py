@@ -45,6 +45,7 @@ def test_overrides_parse_yaml_scalars(tmp_path):
     ("diffusion.noise_schedule=sqrt", "diffusion.noise_schedule: invalid value 'sqrt'; valid choices: linear, cosine"),
     ("train.deepspeed.zero_stage=4", "train.deepspeed.zero_stage: invalid value 4; valid choices: 0, 1, 2, 3"),
     ("train.ema_decay=1.5", "train.ema_decay: must be in [0, 1)"),
+    ("train.ema_every=0", "train.ema_every: must be > 0, got 0"),
     ("model.qk_norm=maybe", "model.qk_norm: expected bool"),
     ("sample.guide_channels=some", "sample.guide_channels: expected 'all' or a positive int"),
 ])

@@ -69,3 +69,81 @@ def test_ema_warmup_schedule():
     assert decays == pytest.approx([1 / 10, 2 / 11, 3 / 12])
     ema.num_updates = 10**7
     assert ema.current_decay() == 0.999
+
+
+# ------------------------------------------------------------------------------- EngineEMA (launch/engine_ema.py)
+def _linear() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(3, 2).double()
+
+
+def _set_weights(model: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+
+
+def test_engine_ema_every_k_folds_k_steps_with_decay_power_k():
+    """every=k: after k applied steps the average is d^k ema0 + (1 - d^k) w_k (the documented approximation),
+    and with weights that only change at update steps it equals k per-step updates."""
+    from launch.engine_ema import EngineEMA
+
+    model, d, k = _linear(), 0.9, 4
+    ema0 = [p.detach().double().clone() for p in model.parameters()]
+    ema = EngineEMA(model, d, every=k)
+    for step in range(1, k + 1):
+        _set_weights(model, float(step))  # weights change every step
+        updated = ema.after_step(step, applied=True)
+        assert updated == (step == k) and ema.pending == (step % k)
+    for s, e0 in zip(ema.shadow, ema0):
+        torch.testing.assert_close(s, (d ** k * e0.float() + (1 - d ** k) * float(k)), rtol=1e-6, atol=1e-6)
+
+    exact, lazy = EngineEMA(model, d, every=1), EngineEMA(model, d, every=k)
+    for step in range(1, 2 * k + 1):
+        exact.after_step(step, applied=True)
+        lazy.after_step(step, applied=True)
+        if step % k == 0:
+            _set_weights(model, float(step))  # constant between the lazy updates
+    for a, b in zip(exact.shadow, lazy.shadow):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_engine_ema_every_one_is_the_per_step_update_and_skipped_steps_do_not_count():
+    from launch.engine_ema import EngineEMA
+
+    model = _linear()
+    a, b = EngineEMA(model, 0.8), EngineEMA(model, 0.8)
+    for step, applied in enumerate([True, False, True], start=1):
+        _set_weights(model, float(step))
+        a.after_step(step, applied)
+        if applied:
+            b.update()
+    for x, y in zip(a.shadow, b.shadow):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match=">= 1"):
+        EngineEMA(model, 0.8, every=0)
+
+
+def test_engine_ema_pending_steps_round_trip_and_exports_are_up_to_date():
+    """The stored average plus `pending` restore the exact state; exports fold the pending steps in."""
+    from launch.engine_ema import EngineEMA
+
+    model, d = _linear(), 0.5
+    ema = EngineEMA(model, d, every=3)
+    _set_weights(model, 1.0)
+    ema.after_step(1, applied=True)
+    ema.after_step(2, applied=True)
+    assert ema.pending == 2
+    raw = ema.full_state_dict(up_to_date=False)
+    current = ema.full_state_dict()
+    for name, s in zip(ema.names, ema.shadow):
+        assert torch.equal(raw[name], s)
+        torch.testing.assert_close(current[name], d ** 2 * s + (1 - d ** 2) * 1.0)
+    other = EngineEMA(model, d, every=3)  # a resumed run: same weights, state from the checkpoint
+    other.load_full_state_dict(raw, pending=ema.pending)
+    for step in (3, 4):
+        for e in (ema, other):
+            e.after_step(step, applied=True)
+    assert other.pending == ema.pending == 1
+    for x, y in zip(ema.shadow, other.shadow):
+        assert torch.equal(x, y)

@@ -96,7 +96,7 @@ def test_two_ranks_train_save_and_export(stage, small_shards, tmp_path):
 @pytest.mark.slow
 def test_resume_is_exact_across_an_epoch_boundary(small_shards, tmp_path):
     common = ("train.max_steps=12", "train.ckpt_every=6", "train.log_every=1", "train.ema_decay=0.5",
-              "data.num_workers=1")
+              "data.num_workers=1", "train.ema_every=4")  # the checkpoint at 6 holds 2 steps not yet in the EMA
     straight = tmp_path / "straight"
     run_train(straight, small_shards, *common)
     split = tmp_path / "split"
@@ -231,13 +231,67 @@ def test_in_training_eval_logs_metrics_and_missing_inception_fails_early(small_s
 @pytest.mark.slow
 def test_zero3_partitioned_ema_with_accumulation_equals_plain_data_parallel(small_shards, tmp_path):
     """The same fp32 run, 2 accumulation steps of micro batch 2 per rank, under ZeRO-0 and ZeRO-3: the EMA that
-    ZeRO-3 keeps per partition, gathered at save time, must equal the one averaged over full parameters."""
-    common = ("train.max_steps=4", "train.ckpt_every=4", "train.ema_decay=0.5", "train.micro_batch_size=2")
+    ZeRO-3 keeps per partition, gathered at save time, must equal the one averaged over full parameters. Gradient
+    clipping is on and active: ZeRO-3 clips inside DeepSpeed, ZeRO-0 in the trainer's fused norm pass."""
+    common = ("train.max_steps=4", "train.ckpt_every=4", "train.ema_decay=0.5", "train.micro_batch_size=2",
+              "train.grad_clip=0.05", "train.log_every=1")
     plain, sharded = tmp_path / "zero0", tmp_path / "zero3"
     run_train(plain, small_shards, *common, "train.deepspeed.zero_stage=0")
     run_train(sharded, small_shards, *common, "train.deepspeed.zero_stage=3")
     for run in (plain, sharded):
         meta = json.loads((run / "checkpoints" / "step_0000004" / "meta.json").read_text())
         assert meta["config"]["train"]["micro_batch_size"] == 2 and meta["step"] == 4
+    norms = [[json.loads(line)["grad_norm"] for line in (run / "log.jsonl").read_text().splitlines()]
+             for run in (plain, sharded)]
+    assert len(norms[0]) == 4 and min(norms[0]) > 0.05  # the clipping acted on every step
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)  # the norm before clipping, as DeepSpeed computes it
     # the engines reduce gradients in different orders: equal up to float rounding
     assert_same_weights(plain / "model_ema.safetensors", sharded / "model_ema.safetensors", tol=1e-5)
+
+
+def test_fused_grad_norm_clips_like_deepspeed_and_flags_nonfinite():
+    """`clip_and_check_grads`: DeepSpeed's stage-0 norm and coefficient min(1, max / (norm + 1e-6)) (the same
+    formula as torch's clip_grad_norm_), no change below the threshold, and an inf gradient is reported, untouched."""
+    from launch.train import clip_and_check_grads
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(7, 5, generator=g), torch.randn(11, generator=g), torch.randn(3, 2, 2, generator=g)]
+    ref = [t.clone().requires_grad_() for t in grads]
+    for r, t in zip(ref, grads):
+        r.grad = t.clone()
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(ref, max_norm=1.0))
+    norm, finite = clip_and_check_grads(grads, 1.0)
+    assert finite and norm == pytest.approx(ref_norm, rel=1e-6)
+    for r, t in zip(ref, grads):
+        torch.testing.assert_close(t, r.grad, rtol=1e-6, atol=0)
+    kept = [t.clone() for t in grads]
+    assert clip_and_check_grads(grads, 10.0)[1] and all(torch.equal(a, b) for a, b in zip(grads, kept))
+    assert clip_and_check_grads(grads, 0.0) == (pytest.approx(1.0, rel=1e-5), True)  # 0: norm only, no clip
+    grads[1][3] = float("inf")
+    kept = [t.clone() for t in grads]
+    norm, finite = clip_and_check_grads(grads, 1.0)
+    assert not finite and all(torch.equal(a, b) for a, b in zip(grads, kept))
+    grads[1][3] = float("nan")
+    assert not clip_and_check_grads(grads, 0.0)[1]
+
+
+@pytest.mark.slow
+def test_one_rank_zero0_skips_an_inf_gradient_step_and_keeps_training(small_shards, tmp_path):
+    """One process at ZeRO-0 (no gradient all-reduce, fused norm/non-finite check, trainer-side clipping): an inf
+    gradient at step 2 skips that optimizer step, is counted, and the run goes on to finish with finite weights.
+    With train.ema_every=2 the EMA is folded in every other step and the export is up to date."""
+    run = tmp_path / "infgrad"
+    proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(run), "--set", f"data.shards={small_shards}",
+                      "--set", "train.deepspeed.zero_stage=0", "--set", "train.max_steps=5", "--set", "train.log_every=1",
+                      "--set", "train.grad_clip=0.5", "--set", "train.ema_every=2", "--set", "train.ckpt_every=3"],
+                     timeout=600, DITSTACK_FAULT="inf_grad_at:2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 2: non-finite gradient, optimizer step skipped" in proc.stderr
+    records = {r["step"]: r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
+    assert sorted(records) == [1, 2, 3, 4, 5]
+    assert records[1]["nonfinite_steps"] == 0 and records[5]["nonfinite_steps"] == 1
+    assert "grad_norm" not in records[2] and all(records[s]["grad_norm"] > 0 for s in (1, 3, 4, 5))
+    meta = json.loads((run / "checkpoints" / "step_0000003" / "meta.json").read_text())
+    assert meta["ema_pending"] == 1  # steps 1 and 3 applied, step 2 skipped; folded in at step 2, pending since
+    exported = weights(run / "model_ema.safetensors")
+    assert all(torch.isfinite(v).all() for v in exported.values())
