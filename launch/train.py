@@ -164,6 +164,10 @@ class Trainer(TrainerBase):
         # ZeRO-0 with one rank: nothing to average, so backward runs under DeepSpeed's no_sync() and skips its
         # flatten / all-reduce / unflatten of every gradient (bit-identical: a sum over one rank, divided by 1)
         self.reduce_grads = not (cfg.train.deepspeed.zero_stage == 0 and info.world_size == 1)
+        if info.world_size == 1 and cfg.train.deepspeed.zero_stage in (1, 2) and info.device.type == "cpu":
+            log.info("ZeRO-%d on one rank partitions nothing but still copies every gradient into its flat buffers "
+                     "(+25-35 %% per CPU step, benchmarks/RESULTS.md); train.deepspeed.zero_stage=0 computes the "
+                     "same", cfg.train.deepspeed.zero_stage)
         self.ema = EngineEMA(self.engine.module, cfg.train.ema_decay, cfg.train.ema_every)
         self.flops_per_sample = 3.0 * model.model_flops_per_sample()
         self.peak_flops = _peak_flops(info.device, cfg.train.precision)
