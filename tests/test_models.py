@@ -223,6 +223,37 @@ def test_cfg_guides_all_eps_channels_by_default_and_official_three(guide_channel
 
 
 # --------------------------------------------------------------------------------------------- checkpointing
+def test_checkpointing_under_bf16_autocast_gives_identical_gradients():
+    """Selective recomputation (fc2 outputs kept, the rest recomputed) reproduces the plain bf16 step exactly."""
+    torch.manual_seed(0)
+    plain = tiny(class_dropout_prob=0.0, depth=3)
+    ckpt = tiny(class_dropout_prob=0.0, depth=3, grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 600]), torch.tensor([1, 7])
+    grads = []
+    for model in (plain, ckpt):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, y)
+        out.float().square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_checkpoint_policy_keeps_only_down_projections():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from dit.models import _keep_down_projections
+
+    aten = torch.ops.aten
+    tokens, d = torch.empty(64, 32), torch.empty(64, 128)
+    fc2 = _keep_down_projections(None, aten.addmm.default, torch.empty(32), d, torch.empty(128, 32))
+    fc1 = _keep_down_projections(None, aten.addmm.default, torch.empty(128), tokens, torch.empty(32, 128))
+    other = _keep_down_projections(None, aten.gelu.default, tokens)
+    assert fc2 == CheckpointPolicy.MUST_SAVE
+    assert fc1 == other == CheckpointPolicy.PREFER_RECOMPUTE
+
+
 @pytest.mark.parametrize("conditioning", VARIANTS)
 def test_checkpointed_blocks_give_the_same_gradients(conditioning):
     torch.manual_seed(0)
