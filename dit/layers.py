@@ -178,8 +178,9 @@ class Attention(nn.Module):
         """x [N, T, D] → [N, T, D]."""
         n, t, d = x.shape
         qkv = linear(self.qkv, x).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if x.device.type == "cpu":
-            # One copy into [3, N, H, T, d] instead of one per operand inside each matmul (and its backward).
+        if x.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16):
+            # One copy into [3, N, H, T, d] instead of one per operand inside each matmul of the explicit CPU
+            # attention (and its backward). fp32 goes to the flash kernel, which takes the strided views as they are.
             qkv = qkv.contiguous()
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
