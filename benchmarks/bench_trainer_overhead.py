@@ -35,6 +35,7 @@ from launch.run_utils import PreemptionFlag  # noqa: E402
 from launch.train import Trainer  # noqa: E402
 
 log = logging.getLogger("bench_trainer_overhead")
+WARMUP = 3  # untimed steps before a breakdown: the first steps of a fresh model grow the heap (page faults)
 CLOCK = time.perf_counter  # --clock thread: CPU time of this thread (with --threads 1: robust to other load)
 
 
@@ -139,7 +140,7 @@ def bare_breakdown(trainer: Trainer, n: int) -> dict[str, float]:
             return model(xt, t, y).float()
 
     acc: dict[str, float] = {}
-    for i in range(n + 1):
+    for i in range(-WARMUP, n):
         marks = [CLOCK()]
         t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],))
         loss = diffusion.training_losses(fn, x, t, model_kwargs={"y": y})["loss"].mean()
@@ -149,7 +150,7 @@ def bare_breakdown(trainer: Trainer, n: int) -> dict[str, float]:
         marks.append(CLOCK())
         opt.step()
         marks.append(CLOCK())
-        if i:
+        if i >= 0:
             for label, a, b in zip(("forward+loss", "backward", "AdamW.step"), marks, marks[1:]):
                 acc[label] = acc.get(label, 0.0) + b - a
             acc["total"] = acc.get("total", 0.0) + marks[-1] - marks[0]
@@ -163,7 +164,7 @@ def trainer_breakdown(trainer: Trainer, n: int, preempt: PreemptionFlag) -> dict
     timer.wrap(preempt, "should_stop", "preemption check")
     total = 0.0
     try:
-        trainer_steps(trainer, 1, preempt)  # warm-up
+        trainer_steps(trainer, WARMUP, preempt)
         timer.reset()
         for _ in range(n):
             t0 = CLOCK()
