@@ -93,7 +93,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16: autocast over fp32 master weights; fp32: exact (resume tests)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ema_decay: float = 0.9999  # EMA of the weights; samples, eval and exports use it
-    ema_every: int = 1  # DiT trainer: fold the weights into the EMA every k steps with ema_decay**k (1: every step, the DiT recipe; see launch/engine_ema.py)
+    ema_every: int = 1  # DiT trainer: fold the weights into the EMA every k steps with ema_decay**k (1: the recipe)
     compile: bool = False  # torch.compile the model through DeepSpeed's engine.compile()
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
     log_every: int = 50  # log the all-reduced loss, lr, grad norm, throughput every N steps

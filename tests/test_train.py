@@ -281,9 +281,9 @@ def test_one_rank_zero0_skips_an_inf_gradient_step_and_keeps_training(small_shar
     gradient at step 2 skips that optimizer step, is counted, and the run goes on to finish with finite weights.
     With train.ema_every=2 the EMA is folded in every other step and the export is up to date."""
     run = tmp_path / "infgrad"
-    proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(run), "--set", f"data.shards={small_shards}",
-                      "--set", "train.deepspeed.zero_stage=0", "--set", "train.max_steps=5", "--set", "train.log_every=1",
-                      "--set", "train.grad_clip=0.5", "--set", "train.ema_every=2", "--set", "train.ckpt_every=3"],
+    sets = [f"data.shards={small_shards}", "train.deepspeed.zero_stage=0", "train.max_steps=5", "train.log_every=1",
+            "train.grad_clip=0.5", "train.ema_every=2", "train.ckpt_every=3"]
+    proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(run), *sum((["--set", s] for s in sets), [])],
                      timeout=600, DITSTACK_FAULT="inf_grad_at:2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 2: non-finite gradient, optimizer step skipped" in proc.stderr
