@@ -7,6 +7,11 @@ Both run in this process, interleaved in rounds, so machine drift hits both alik
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 DS_ACCELERATOR=cpu \
         python benchmarks/bench_trainer_overhead.py --model DiT-S/2 --size 16 --batch 16 --steps 10 --rounds 3
+
+`--breakdown` then times the pieces of both steps (data, forward, backward and DeepSpeed's reduction inside it,
+the guard, the optimizer step and ZeRO's norm/copies, the EMA) by wrapping them; on a busy machine use
+`--threads 1 --clock thread --rounds 0` for CPU-time pieces that other processes barely move.
+`--set section.key=value` passes config overrides to the trainer (e.g. train.ema_every=4).
 """
 from __future__ import annotations
 
