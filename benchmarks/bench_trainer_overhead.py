@@ -111,7 +111,7 @@ def instrument_trainer(trainer: Trainer, timer: PieceTimer) -> None:
     base_opt = getattr(zero_opt, "optimizer", None)
     timer.wrap(engine, "forward", "forward (engine)")
     timer.wrap(trainer.diffusion, "training_losses", "forward+loss")
-    timer.wrap(train_mod, "all_ranks_true", "finite-loss all-reduce")
+    timer.wrap(trainer, "agree_finite", "finite-loss (+ preemption) all-reduce")
     timer.wrap(engine, "backward", "backward (engine, incl. grad reduction)")
     timer.wrap(engine, "allreduce_gradients", "  engine.allreduce_gradients")
     for name in ("reduce_independent_p_g_buckets_and_remove_grads", "reduce_ipg_grads", "average_tensor",

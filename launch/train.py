@@ -31,7 +31,7 @@ from launch.config import Config, ConfigError
 from launch.distributed import DistInfo
 from launch.engine_ema import EngineEMA
 from launch.run_utils import fault_step
-from launch.trainer_base import TrainerBase, all_ranks_true, exit_now, run_main
+from launch.trainer_base import TrainerBase, exit_now, run_main
 
 log = logging.getLogger("launch.train")
 
@@ -320,7 +320,7 @@ class Trainer(TrainerBase):
         if self._nan_from is not None and self.step + 1 >= self._nan_from:
             loss = loss * float("nan")  # fault injection for the tests
         value = float(loss.detach())  # one host sync per micro batch, for the guard and the log
-        ok = all_ranks_true(math.isfinite(value), self.info.device)
+        ok = self.agree_finite(math.isfinite(value))  # the same all-reduce carries the preemption flag
         if ok:
             with contextlib.nullcontext() if self.reduce_grads else self.engine.no_sync():
                 self.engine.backward(loss)

@@ -115,6 +115,8 @@ class TrainerBase(abc.ABC):
         self.gen.manual_seed(cfg.train.seed * 1_000_003 + info.rank)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.sink: Optional[MetricsSink] = None
+        self.preempt: Optional[PreemptionFlag] = None  # set while `run` trains
+        self._stop_agreed: Optional[bool] = None  # the step's preemption verdict, when `agree_finite` carried it
 
     # ----------------------------------------------------------------------------------------- subclass API
     @abc.abstractmethod
@@ -222,6 +224,23 @@ class TrainerBase(abc.ABC):
                                   f"{self.cfg.train.max_bad_steps}): lower train.lr, enable train.grad_clip or "
                                   f"model.qk_norm, or resume from an earlier checkpoint")
 
+    def agree_finite(self, flag: bool) -> bool:
+        """`all_ranks_true(flag)` that also carries the preemption flag in the same all-reduce (collective).
+
+        The step's last call decides whether the run stops after this step (every rank makes the same calls, so
+        they agree); `run` then needs no all-reduce of its own. A signal that arrives later in the step is seen
+        at the next step.
+        """
+        received = self.preempt is not None and self.preempt.received is not None
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            self._stop_agreed = received if self.preempt is not None else None
+            return bool(flag)
+        votes = torch.tensor([1.0 if flag else 0.0, 0.0 if received else 1.0], device=self.info.device)
+        dist.all_reduce(votes, op=dist.ReduceOp.MIN)
+        ok, no_signal = votes.tolist()
+        self._stop_agreed = (no_signal == 0.0) if self.preempt is not None else None
+        return ok > 0
+
     def good_step(self) -> None:
         """Reset the count of consecutive non-finite steps."""
         self.bad_in_a_row = 0
@@ -229,7 +248,7 @@ class TrainerBase(abc.ABC):
     def run(self) -> int:
         """Train to `train.max_steps`; returns the process exit status."""
         cfg, info = self.cfg, self.info
-        preempt = PreemptionFlag()
+        preempt = self.preempt = PreemptionFlag()
         bar = None
         if info.is_main and cfg.train.progress:
             from tqdm.auto import tqdm
@@ -241,6 +260,7 @@ class TrainerBase(abc.ABC):
         status = 0
         try:
             while self.step < cfg.train.max_steps:
+                self._stop_agreed = None
                 for key, value in self.train_step().items():
                     if math.isfinite(value):
                         window.setdefault(key, []).append(value)
@@ -251,7 +271,7 @@ class TrainerBase(abc.ABC):
                     self._log(window, window_steps, time.perf_counter() - window_start, bar)
                     window, window_steps, window_start = {}, 0, time.perf_counter()
                 self.on_step()
-                stop = preempt.should_stop(info.device)
+                stop = self._stop_agreed if self._stop_agreed is not None else preempt.should_stop(info.device)
                 if self.step % cfg.train.ckpt_every == 0 or stop:
                     self.save()
                     last_saved = self.step
@@ -267,6 +287,7 @@ class TrainerBase(abc.ABC):
                 barrier()
         finally:
             preempt.restore()
+            self.preempt = None
             if bar is not None:
                 bar.close()
             if self.sink is not None:
