@@ -159,6 +159,27 @@ def test_sigusr1_checkpoints_exits_3_and_resumes(small_shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_on_one_process_checkpoints_and_exits_3(small_shards, tmp_path):
+    """One process (no all-reduce: the step's guard reads the flag directly): SIGTERM → checkpoint → exit 3."""
+    run = tmp_path / "single"
+    sets = [f"data.shards={small_shards}", "train.max_steps=400", "train.ckpt_every=1000", "train.log_every=1",
+            "train.deepspeed.zero_stage=0"]
+    proc = subprocess.Popen([sys.executable, "launch/train.py", "--config", TINY, "--run-dir", str(run),
+                             *sum((["--set", s] for s in sets), [])], cwd=ROOT, env=entry_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = run / "log.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 3, out[-4000:]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((run / "checkpoints" / latest / "meta.json").read_text())
+    assert 2 <= meta["step"] < 400
+
+
+@pytest.mark.slow
 def test_bad_inputs_fail_with_one_line(small_shards, tmp_path):
     proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(tmp_path / "r"),
                       "--set", f"data.shards={tmp_path / 'missing'}"], timeout=600)
