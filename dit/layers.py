@@ -5,6 +5,7 @@ checkpoints map onto these modules key for key.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -33,10 +34,19 @@ def approx_gelu() -> nn.Module:
     return nn.GELU(approximate="tanh")
 
 
+@functools.lru_cache(maxsize=1)
+def _onednn_bf16() -> bool:
+    """Whether this CPU and torch build run oneDNN's bf16 kernels natively (not on every x86/ARM CPU)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True for bf16 inference on the CPU with bf16-stored weights, where oneDNN's fused linear applies."""
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available())
+            and not torch.is_grad_enabled() and _onednn_bf16())
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
