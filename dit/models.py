@@ -162,7 +162,8 @@ class DiT(nn.Module):
         # The patch embedding yields a transposed (channels-first) view and elementwise ops keep that layout:
         # without this one copy every LayerNorm and linear of every block would copy its input (and again in
         # the backward).
-        x = x.to(stream_dtype, memory_format=torch.contiguous_format)
+        # (`.to` returns x itself when the dtype already matches, whatever its layout: hence the explicit call.)
+        x = x.to(stream_dtype).contiguous()
         t_emb, y_emb = self._conditioning(t, y, force_drop_ids)
         if self.conditioning in ("adaln_zero", "adaln"):
             # The SiLU in front of every adaLN linear is the same function of c: apply it once here.

@@ -354,3 +354,16 @@ def test_fused_cpu_bf16_inference_linear_matches_float64(gelu):
     xg = x.bfloat16().requires_grad_()
     linear(low, xg, gelu=gelu).float().sum().backward()
     assert xg.grad is not None
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_token_stream_is_contiguous(autocast):
+    """Every block sees a contiguous token stream (the patch embedding's transposed layout would make every
+    LayerNorm copy its input), in fp32 and under CPU autocast."""
+    model = tiny()
+    seen = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(torch.randn(2, 4, 8, 8), torch.tensor([3, 600]), torch.tensor([1, 7]))
+    assert seen and all(seen)
