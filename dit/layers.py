@@ -15,18 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
+from dit.native import gated_residual, gelu_tanh, modulate  # noqa: F401  (re-exported: part of this API)
+
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attn", "in_context")
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """`x * (1 + scale) + shift` with per-sample `shift`, `scale` of shape [N, D] broadcast over tokens."""
-    # One fused kernel instead of a mul and an add over the whole token tensor.
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
-
-
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """`x + gate * y` with a per-sample gate of shape [N, D] (adaLN-Zero's alpha)."""
-    return torch.addcmul(x, gate.unsqueeze(1), y)
 
 
 def approx_gelu() -> nn.Module:
@@ -61,7 +52,7 @@ def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False) -> torch.Tenso
                                                  "gelu" if gelu else "none", [], "tanh" if gelu else "")
         return out.view(*x.shape[:-1], out.shape[-1])
     out = layer(x)
-    return F.gelu(out, approximate="tanh") if gelu else out
+    return gelu_tanh(out) if gelu else out
 
 
 def mlp(module: Mlp, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,249 @@
+/* Fused CPU kernels for bf16 training of DiT blocks (see dit/native.py, which builds and loads this file).
+ *
+ * ATen runs each of these as several passes over [tokens, channels] tensors (its bf16 tanh-GELU alone costs 4x the
+ * matmul in front of it on a Sapphire Rapids core); here each is one pass, computed in fp32 and rounded to bf16
+ * (round to nearest even) like ATen's reduced-precision kernels. All tensors are contiguous, row-major; bf16 is
+ * passed as uint16_t. Every function splits its work over `nthreads` threads: OpenMP (torch's runtime) when built
+ * with -fopenmp, POSIX threads otherwise.
+ *
+ * The tanh GELU is evaluated as u * sigmoid(2z), z = sqrt(2/pi) (u + 0.044715 u^3), which equals
+ * 0.5 u (1 + tanh z) exactly in real arithmetic and avoids the cancellation of 1 + tanh z for z << 0.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define DIT_AVX512 1
+#endif
+
+#define GELU_C0 0.7978845608028654f /* sqrt(2/pi) */
+#define GELU_C1 0.044715f
+
+/* ------------------------------------------------------------------------------------------------ threading */
+typedef void (*range_fn)(void *args, int64_t begin, int64_t end);
+typedef struct { range_fn fn; void *args; int64_t begin, end; } chunk_t;
+
+#ifndef _OPENMP
+static void *run_chunk(void *p) {
+  chunk_t *c = (chunk_t *)p;
+  c->fn(c->args, c->begin, c->end);
+  return NULL;
+}
+#endif
+
+/* Run fn over [0, n) in `nthreads` contiguous chunks whose bounds are multiples of `grain`. */
+static void parallel_for(range_fn fn, void *args, int64_t n, int64_t grain, int nthreads) {
+  if (nthreads > 64) nthreads = 64;
+  int64_t units = (n + grain - 1) / grain;
+  if (nthreads > units) nthreads = (int)units;
+  if (nthreads <= 1) { fn(args, 0, n); return; }
+#ifdef _OPENMP
+  /* Built with -fopenmp, this library shares torch's OpenMP runtime (the loader resolves libgomp.so.1 to the copy
+   * torch already loaded): its worker threads, which spin between torch's ops, do these chunks too. */
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+  for (int t = 0; t < nthreads; t++) {
+    int64_t b = units * t / nthreads * grain, e = units * (t + 1) / nthreads * grain;
+    fn(args, b, e < n ? e : n);
+  }
+#else
+  chunk_t chunks[64];
+  pthread_t threads[64];
+  int started[64];
+  for (int t = 0; t < nthreads; t++) {
+    int64_t b = units * t / nthreads * grain, e = units * (t + 1) / nthreads * grain;
+    chunks[t] = (chunk_t){fn, args, b, e < n ? e : n};
+  }
+  for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&threads[t], NULL, run_chunk, &chunks[t]) == 0;
+  run_chunk(&chunks[0]);
+  for (int t = 1; t < nthreads; t++) {
+    if (started[t]) pthread_join(threads[t], NULL);
+    else run_chunk(&chunks[t]); /* no thread available: do it here */
+  }
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------ scalar math */
+static inline float bf16_to_f32(uint16_t b) { union { uint32_t u; float f; } v; v.u = (uint32_t)b << 16; return v.f; }
+static inline uint16_t f32_to_bf16(float f) {
+  union { uint32_t u; float f; } v; v.f = f;
+  if (f != f) return 0x7fc0; /* NaN stays NaN */
+  uint32_t u = v.u + 0x7fffu + ((v.u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+static inline float clamp64(float u) { return u < -64.f ? -64.f : (u > 64.f ? 64.f : u); }
+/* exp(x) for x in [-87, 0]: Cody-Waite reduction, Cephes' degree-6 polynomial (~1 ulp). */
+static inline float exp_nonpos(float x) {
+  float n = (float)(int32_t)(x * 1.44269504088896341f - 0.5f); /* round half down; x <= 0 */
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f; p = p * r + 8.3334519073E-3f; p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f; p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.f;
+  union { int32_t i; float f; } s; s.i = ((int32_t)n + 127) << 23;
+  return p * s.f;
+}
+/* sigmoid(2z) and its pieces for the GELU of uc (u clamped to [-64, 64]: beyond, GELU is u or 0 in fp32). */
+static inline void gelu_parts(float uc, float *s, float *e, float *r) {
+  float z = GELU_C0 * (uc + GELU_C1 * uc * uc * uc);
+  float az = z < 0.f ? -z : z;
+  float ee = az > 43.f ? 0.f : exp_nonpos(-2.f * az); /* exp(-2|z|), 0 once it underflows */
+  float rr = 1.f / (1.f + ee);
+  *s = z < 0.f ? ee * rr : rr;
+  *e = ee; *r = rr;
+}
+static inline float gelu_grad_scalar(float u) {
+  float uc = clamp64(u), s, e, r;
+  gelu_parts(uc, &s, &e, &r);
+  /* d/du u sigmoid(2z) = s + u * 2 s (1 - s) dz/du, and s (1 - s) = e r^2 for either sign of z */
+  return s + 2.f * uc * e * r * r * GELU_C0 * (1.f + 3.f * GELU_C1 * uc * uc);
+}
+
+/* ------------------------------------------------------------------------------------------------ AVX-512 math */
+#ifdef DIT_AVX512
+static inline __m512 ld16(const uint16_t *p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline __m256i to_bf16x16(__m512 f) {
+  __m512i u = _mm512_castps_si512(f);
+  __m512i rnd = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+  u = _mm512_srli_epi32(_mm512_add_epi32(u, rnd), 16);
+  u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(u);
+}
+static inline void st16(uint16_t *p, __m512 f) { _mm256_storeu_si256((__m256i *)p, to_bf16x16(f)); }
+static inline __m512 v1(float x) { return _mm512_set1_ps(x); }
+static inline __m512 vexp_nonpos(__m512 x) {
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, v1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, v1(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, v1(2.12194440e-4f), r);
+  __m512 p = v1(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, v1(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, v1(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, v1(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, v1(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, v1(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, v1(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+static inline __m512 vclamp64(__m512 u) { return _mm512_min_ps(_mm512_max_ps(u, v1(-64.f)), v1(64.f)); }
+static inline void vgelu_parts(__m512 uc, __m512 *s, __m512 *e, __m512 *r) {
+  __m512 z = _mm512_mul_ps(v1(GELU_C0), _mm512_fmadd_ps(_mm512_mul_ps(v1(GELU_C1), _mm512_mul_ps(uc, uc)), uc, uc));
+  __m512 az = _mm512_abs_ps(z);
+  __m512 ee = vexp_nonpos(_mm512_mul_ps(az, v1(-2.f)));
+  ee = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(az, v1(43.f), _CMP_LE_OQ), ee);
+  __m512 d = _mm512_add_ps(ee, v1(1.f));
+  __m512 rr = _mm512_rcp14_ps(d);
+  rr = _mm512_mul_ps(rr, _mm512_fnmadd_ps(d, rr, v1(2.f))); /* one Newton step: ~2^-28 relative */
+  *s = _mm512_mask_mul_ps(rr, _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ), ee, rr);
+  *e = ee; *r = rr;
+}
+static inline __m512 vgelu_grad(__m512 u) {
+  __m512 uc = vclamp64(u), s, e, r;
+  vgelu_parts(uc, &s, &e, &r);
+  __m512 t = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(uc, e), _mm512_mul_ps(r, r)), v1(2.f * GELU_C0));
+  __m512 q = _mm512_fmadd_ps(v1(3.f * GELU_C1), _mm512_mul_ps(uc, uc), v1(1.f));
+  return _mm512_fmadd_ps(t, q, s);
+}
+#endif
+
+/* ------------------------------------------------------------------------------------------------ loads/stores */
+/* Each kernel exists for bf16 (uint16_t) and fp32 storage; the math is fp32 in both. */
+static inline float ld1_bf16(const uint16_t *p) { return bf16_to_f32(*p); }
+static inline void st1_bf16(uint16_t *p, float f) { *p = f32_to_bf16(f); }
+static inline float ld1_f32(const float *p) { return *p; }
+static inline void st1_f32(float *p, float f) { *p = f; }
+#ifdef DIT_AVX512
+static inline __m512 ld16_bf16(const uint16_t *p) { return ld16(p); }
+static inline void st16_bf16(uint16_t *p, __m512 f) { st16(p, f); }
+static inline __m512 ld16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline void st16_f32(float *p, __m512 f) { _mm512_storeu_ps(p, f); }
+#define VEC_LOOP(...) for (; i + 16 <= e; i += 16) { __VA_ARGS__; }
+#else
+#define VEC_LOOP(...)
+#endif
+
+#define DEFINE_KERNELS(SFX, T)                                                                                    \
+typedef struct { const T *g, *u; T *out; } gelu_args_##SFX;                                                       \
+static void gelu_fwd_range_##SFX(void *p, int64_t b, int64_t e) {                                                 \
+  gelu_args_##SFX *a = (gelu_args_##SFX *)p;                                                                      \
+  int64_t i = b;                                                                                                  \
+  VEC_LOOP(__m512 u = ld16_##SFX(a->u + i); __m512 s, ee, r; vgelu_parts(vclamp64(u), &s, &ee, &r);               \
+           st16_##SFX(a->out + i, _mm512_mul_ps(u, s)))                                                           \
+  for (; i < e; i++) {                                                                                            \
+    float u = ld1_##SFX(a->u + i), s, ee, r;                                                                      \
+    gelu_parts(clamp64(u), &s, &ee, &r);                                                                          \
+    st1_##SFX(a->out + i, u * s);                                                                                 \
+  }                                                                                                               \
+}                                                                                                                 \
+static void gelu_bwd_range_##SFX(void *p, int64_t b, int64_t e) {                                                 \
+  gelu_args_##SFX *a = (gelu_args_##SFX *)p;                                                                      \
+  int64_t i = b;                                                                                                  \
+  VEC_LOOP(st16_##SFX(a->out + i, _mm512_mul_ps(ld16_##SFX(a->g + i), vgelu_grad(ld16_##SFX(a->u + i)))))        \
+  for (; i < e; i++) st1_##SFX(a->out + i, ld1_##SFX(a->g + i) * gelu_grad_scalar(ld1_##SFX(a->u + i)));         \
+}                                                                                                                 \
+/* out = gelu_tanh(u), n values. */                                                                               \
+void dit_gelu_fwd_##SFX(const T *u, T *out, int64_t n, int nthreads) {                                            \
+  gelu_args_##SFX a = {NULL, u, out};                                                                             \
+  parallel_for(gelu_fwd_range_##SFX, &a, n, 4096, nthreads);                                                      \
+}                                                                                                                 \
+/* out = g * gelu_tanh'(u), n values. */                                                                          \
+void dit_gelu_bwd_##SFX(const T *g, const T *u, T *out, int64_t n, int nthreads) {                                \
+  gelu_args_##SFX a = {g, u, out};                                                                                \
+  parallel_for(gelu_bwd_range_##SFX, &a, n, 4096, nthreads);                                                      \
+}                                                                                                                 \
+typedef struct {                                                                                                  \
+  const T *g, *x; const float *m; float offset; T *gx; float *gm, *gsum; int64_t T_, D;                          \
+} rowscale_args_##SFX;                                                                                            \
+static void rowscale_bwd_range_##SFX(void *p, int64_t nb, int64_t ne) {                                           \
+  rowscale_args_##SFX *a = (rowscale_args_##SFX *)p;                                                              \
+  const int64_t TT = a->T_, D = a->D;                                                                             \
+  for (int64_t n = nb; n < ne; n++) {                                                                             \
+    const float *m = a->m + n * D;                                                                                \
+    float *gm = a->gm + n * D, *gs = a->gsum ? a->gsum + n * D : NULL;                                            \
+    memset(gm, 0, sizeof(float) * D);                                                                             \
+    if (gs) memset(gs, 0, sizeof(float) * D);                                                                     \
+    for (int64_t t = 0; t < TT; t++) {                                                                            \
+      const T *g = a->g + (n * TT + t) * D, *x = a->x + (n * TT + t) * D;                                         \
+      T *gx = a->gx + (n * TT + t) * D;                                                                           \
+      int64_t i = 0, e = D;                                                                                       \
+      VEC_LOOP(__m512 gv = ld16_##SFX(g + i);                                                                     \
+               st16_##SFX(gx + i, _mm512_mul_ps(gv, _mm512_add_ps(_mm512_loadu_ps(m + i), v1(a->offset))));      \
+               _mm512_storeu_ps(gm + i, _mm512_fmadd_ps(gv, ld16_##SFX(x + i), _mm512_loadu_ps(gm + i)));        \
+               if (gs) _mm512_storeu_ps(gs + i, _mm512_add_ps(gv, _mm512_loadu_ps(gs + i))))                      \
+      for (; i < e; i++) {                                                                                        \
+        float gv = ld1_##SFX(g + i);                                                                              \
+        st1_##SFX(gx + i, gv * (m[i] + a->offset));                                                               \
+        gm[i] += gv * ld1_##SFX(x + i);                                                                           \
+        if (gs) gs[i] += gv;                                                                                      \
+      }                                                                                                           \
+    }                                                                                                             \
+  }                                                                                                               \
+}                                                                                                                 \
+void dit_rowscale_bwd_##SFX(const T *g, const T *x, const float *m, float offset, T *gx, float *gm, float *gsum,   \
+                            int64_t N, int64_t TT, int64_t D, int nthreads) {                                     \
+  rowscale_args_##SFX a = {g, x, m, offset, gx, gm, gsum, TT, D};                                                 \
+  parallel_for(rowscale_bwd_range_##SFX, &a, N, 1, nthreads);                                                     \
+}
+
+/* Backward of out[n, t, :] = x[n, t, :] * m[n, :] (+ terms independent of x and m), over [N, T, D]
+ * (dit_rowscale_bwd_*):
+ *   gx[n, t, :] = g[n, t, :] * (m[n, :] + offset)
+ *   gm[n, :]    = sum_t g[n, t, :] * x[n, t, :]                (fp32 accumulation)
+ *   gsum[n, :]  = sum_t g[n, t, :]          (if gsum != NULL; the shift's gradient in modulate)
+ * m is fp32 [N, D]. modulate: x = normalised input, m = scale, offset 1. Gated residual: x = branch output,
+ * m = gate, offset 0, and gx is the branch's gradient.
+ */
+DEFINE_KERNELS(bf16, uint16_t)
+DEFINE_KERNELS(f32, float)
+
+/* Which code path this build took (for logs and tests). */
+int dit_native_simd(void) {
+#ifdef DIT_AVX512
+  return 512;
+#else
+  return 0;
+#endif
+}
