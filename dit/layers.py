@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
+from dit import bf16_linear, native
 from dit.native import gated_residual, gelu_tanh, modulate  # noqa: F401  (re-exported: part of this API)
 
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attn", "in_context")
@@ -45,13 +46,14 @@ def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False) -> torch.Tenso
 
     For bf16 inference on the CPU (weights stored in bf16, no autograd) this is one oneDNN call with the bias and
     the GELU applied in the matmul epilogue: ATen's bf16 tanh-GELU alone costs 4x the matmul it follows, and the
-    bias add is a second pass over the output. Everywhere else: the plain modules.
+    bias add is a second pass over the output. For bf16 training on the CPU: `dit.bf16_linear` and the one-pass
+    GELU of `dit.native`. Everywhere else: the plain modules.
     """
     if _onednn_inference(x, layer.weight):
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias,
                                                  "gelu" if gelu else "none", [], "tanh" if gelu else "")
         return out.view(*x.shape[:-1], out.shape[-1])
-    out = layer(x)
+    out = bf16_linear.linear_bf16(layer, x) if bf16_linear.applies(layer, x) else layer(x)
     return gelu_tanh(out) if gelu else out
 
 
@@ -183,9 +185,12 @@ class Attention(nn.Module):
             # One copy into [3, N, H, T, d] instead of one per operand inside each matmul of the explicit CPU
             # attention (and its backward). fp32 goes to the flash kernel, which takes the strided views as they are.
             qkv = qkv.contiguous()
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = attention(q, k, v)
+        if isinstance(self.q_norm, nn.Identity) and native.packed_attention_applies(qkv):
+            out = native.packed_attention(qkv)  # bf16 CPU training: fused softmax, gradient in qkv's layout
+        else:
+            q, k, v = qkv.unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            out = attention(q, k, v)
         return linear(self.proj, out.transpose(1, 2).reshape(n, t, d))
 
 

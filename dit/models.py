@@ -19,6 +19,7 @@ from dit.layers import BLOCKS, CONDITIONINGS, FinalLayer, LabelEmbedder, Timeste
 
 
 _MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+_ONEDNN_LINEAR = getattr(getattr(torch.ops.mkldnn, "_linear_pointwise", None), "default", None)
 
 
 def _keep_down_projections(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
@@ -30,6 +31,10 @@ def _keep_down_projections(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Chec
     if op in _MATMULS:
         mat1, mat2 = args[-2], args[-1]
         if mat1.dim() == 2 and mat1.shape[1] >= 2 * mat2.shape[1]:
+            return CheckpointPolicy.MUST_SAVE
+    elif op == _ONEDNN_LINEAR:  # dit.bf16_linear's forward (CPU bf16 training): x [M, K], weight [N, K]
+        x, weight = args[0], args[1]
+        if x.shape[-1] >= 2 * weight.shape[0]:
             return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -50,7 +50,10 @@ def _compile_flags() -> list[str]:
     """Compiler flags for this CPU (without OpenMP)."""
     # Explicit ISA flags rather than -march=native: the cache key then says exactly which instructions the
     # library uses, so a home directory shared by cluster nodes with different CPUs never loads a wrong build.
-    isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"] if set(_AVX512_FLAGS) <= _cpu_flags() else []
+    flags = _cpu_flags()
+    isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"] if set(_AVX512_FLAGS) <= flags else []
+    if isa and "avx512_bf16" in flags:
+        isa.append("-mavx512bf16")  # one-instruction fp32 -> bf16 rounding
     return ["-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math", *isa]
 
 
@@ -107,6 +110,9 @@ def _library() -> Optional[ctypes.CDLL]:
         getattr(lib, f"dit_rowscale_bwd_{sfx}").argtypes = [ptr, ptr, ptr, f32, ptr, ptr, ptr, i64, i64, i64, i32]
         for name in ("gelu_fwd", "gelu_bwd", "rowscale_bwd"):
             getattr(lib, f"dit_{name}_{sfx}").restype = None
+    lib.dit_softmax_fwd_bf16.argtypes = [ptr, ptr, i64, i64, i32]
+    lib.dit_softmax_bwd_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i32]
+    lib.dit_softmax_fwd_bf16.restype = lib.dit_softmax_bwd_bf16.restype = None
     lib.dit_native_simd.restype = ctypes.c_int
     return lib
 
@@ -230,3 +236,51 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     if _per_sample(y, gate) and x.shape == y.shape and _applies(x, gate, y):
         return _GatedResidual.apply(x, gate, y)
     return torch.addcmul(x, gate.unsqueeze(1), y)
+
+
+# --------------------------------------------------------------------------------------------- attention
+class _PackedAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d)) v from one [3, N, H, T, d] bf16 tensor; the gradient comes back in one tensor of
+    that layout too (no stacking of three gradients, as the backward of `unbind` would do)."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        qkv = qkv.contiguous()
+        _, n, h, t, d = qkv.shape
+        q, k, v = (z.view(n * h, t, d) for z in qkv.unbind(0))
+        scale = d ** -0.5
+        scores = torch.baddbmm(q.new_zeros(()).expand(1, 1, 1), q, k.transpose(1, 2), beta=0.0, alpha=scale)
+        probs = torch.empty_like(scores)
+        _library().dit_softmax_fwd_bf16(_ptr(scores), _ptr(probs), n * h * t, t, _threads())
+        ctx.save_for_backward(qkv, probs)
+        ctx.scale = scale
+        return torch.bmm(probs, v).view(n, h, t, d)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        qkv, probs = ctx.saved_tensors
+        _, n, h, t, d = qkv.shape
+        q, k, v = (z.view(n * h, t, d) for z in qkv.unbind(0))
+        grad = grad.to(torch.bfloat16).reshape(n * h, t, d).contiguous()
+        out = torch.empty_like(qkv)
+        dq, dk, dv = (z.view(n * h, t, d) for z in out.unbind(0))
+        torch.bmm(probs.transpose(1, 2), grad, out=dv)
+        dprobs = torch.bmm(grad, v.transpose(1, 2))
+        dscores = torch.empty_like(dprobs)
+        _library().dit_softmax_bwd_bf16(_ptr(probs), _ptr(dprobs), _ptr(dscores), n * h * t, t, _threads())
+        zero = dscores.new_zeros(()).expand(1, 1, 1)
+        torch.baddbmm(zero, dscores, k, beta=0.0, alpha=ctx.scale, out=dq)
+        torch.baddbmm(zero, dscores.transpose(1, 2), q, beta=0.0, alpha=ctx.scale, out=dk)
+        return out
+
+
+def packed_attention_applies(qkv: torch.Tensor) -> bool:
+    """Whether `packed_attention` runs the fused kernels (bf16 CPU training) for this [3, N, H, T, d] tensor."""
+    return qkv.dim() == 5 and qkv.dtype == torch.bfloat16 and _applies(qkv)
+
+
+def packed_attention(qkv: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for q, k, v = qkv.unbind(0), each [N, H, T, d]; bf16 CPU training only (see
+    `packed_attention_applies`). The scores are rounded to bf16 as in any non-fused attention under autocast."""
+    return _PackedAttention.apply(qkv)

@@ -107,6 +107,9 @@ static inline __m512 ld16(const uint16_t *p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 static inline __m256i to_bf16x16(__m512 f) {
+#ifdef __AVX512BF16__
+  return (__m256i)_mm512_cvtneps_pbh(f); /* round to nearest even, NaN kept (fp32 denormals become 0) */
+#endif
   __m512i u = _mm512_castps_si512(f);
   __m512i rnd = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
   u = _mm512_srli_epi32(_mm512_add_epi32(u, rnd), 16);
@@ -238,6 +241,87 @@ void dit_rowscale_bwd_##SFX(const T *g, const T *x, const float *m, float offset
  */
 DEFINE_KERNELS(bf16, uint16_t)
 DEFINE_KERNELS(f32, float)
+
+/* ------------------------------------------------------------------------------------------------ softmax */
+/* Row softmax of bf16 scores and its backward, for the explicit attention of CPU bf16 training (fp32 math, one
+ * read and one write of the [rows, L] matrix each; ATen's bf16 softmax and its backward make several passes). */
+typedef struct { const uint16_t *x, *g; uint16_t *out; int64_t L; } softmax_args;
+
+static void softmax_fwd_range(void *p, int64_t rb, int64_t re) {
+  softmax_args *a = (softmax_args *)p;
+  const int64_t L = a->L;
+  float buf[L];
+  for (int64_t r = rb; r < re; r++) {
+    const uint16_t *x = a->x + r * L;
+    uint16_t *out = a->out + r * L;
+    float mx = -__builtin_inff(), sum = 0.f;
+    int64_t j = 0;
+#ifdef DIT_AVX512
+    __m512 vm = v1(-__builtin_inff());
+    for (; j + 16 <= L; j += 16) vm = _mm512_max_ps(vm, ld16(x + j));
+    mx = _mm512_reduce_max_ps(vm);
+#endif
+    for (; j < L; j++) { float v = bf16_to_f32(x[j]); mx = v > mx ? v : mx; }
+    if (mx == -__builtin_inff()) mx = 0.f; /* a row of -inf: 0/0 = NaN below, like ATen */
+    j = 0;
+#ifdef DIT_AVX512
+    __m512 vs = _mm512_setzero_ps();
+    for (; j + 16 <= L; j += 16) {
+      __m512 d = _mm512_sub_ps(ld16(x + j), v1(mx)); /* <= 0; below -87 exp is 0 in fp32 anyway */
+      __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(d, v1(-87.f), _CMP_GE_OQ), vexp_nonpos(_mm512_max_ps(d, v1(-87.f))));
+      _mm512_storeu_ps(buf + j, e);
+      vs = _mm512_add_ps(vs, e);
+    }
+    sum = _mm512_reduce_add_ps(vs);
+#endif
+    for (; j < L; j++) {
+      float d = bf16_to_f32(x[j]) - mx;
+      buf[j] = d < -87.f ? 0.f : exp_nonpos(d);
+      sum += buf[j];
+    }
+    float inv = 1.f / sum;
+    j = 0;
+#ifdef DIT_AVX512
+    for (; j + 16 <= L; j += 16) st16(out + j, _mm512_mul_ps(_mm512_loadu_ps(buf + j), v1(inv)));
+#endif
+    for (; j < L; j++) out[j] = f32_to_bf16(buf[j] * inv);
+  }
+}
+
+static void softmax_bwd_range(void *p, int64_t rb, int64_t re) {
+  softmax_args *a = (softmax_args *)p;
+  const int64_t L = a->L;
+  for (int64_t r = rb; r < re; r++) {
+    const uint16_t *y = a->x + r * L, *g = a->g + r * L;
+    uint16_t *out = a->out + r * L;
+    float dot = 0.f;
+    int64_t j = 0;
+#ifdef DIT_AVX512
+    __m512 vd = _mm512_setzero_ps();
+    for (; j + 16 <= L; j += 16) vd = _mm512_fmadd_ps(ld16(g + j), ld16(y + j), vd);
+    dot = _mm512_reduce_add_ps(vd);
+#endif
+    for (; j < L; j++) dot += bf16_to_f32(g[j]) * bf16_to_f32(y[j]);
+    j = 0;
+#ifdef DIT_AVX512
+    for (; j + 16 <= L; j += 16) st16(out + j, _mm512_mul_ps(ld16(y + j), _mm512_sub_ps(ld16(g + j), v1(dot))));
+#endif
+    for (; j < L; j++) out[j] = f32_to_bf16(bf16_to_f32(y[j]) * (bf16_to_f32(g[j]) - dot));
+  }
+}
+
+/* out[r, :] = softmax(x[r, :]) over rows x L. */
+void dit_softmax_fwd_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t L, int nthreads) {
+  softmax_args a = {x, NULL, out, L};
+  parallel_for(softmax_fwd_range, &a, rows, 16, nthreads);
+}
+
+/* out = y * (g - sum(g * y)) per row: the gradient of softmax at output y for output gradient g. */
+void dit_softmax_bwd_bf16(const uint16_t *y, const uint16_t *g, uint16_t *out, int64_t rows, int64_t L,
+                          int nthreads) {
+  softmax_args a = {y, g, out, L};
+  parallel_for(softmax_bwd_range, &a, rows, 16, nthreads);
+}
 
 /* Which code path this build took (for logs and tests). */
 int dit_native_simd(void) {

@@ -252,6 +252,12 @@ def test_checkpoint_policy_keeps_only_down_projections():
     other = _keep_down_projections(None, aten.gelu.default, tokens)
     assert fc2 == CheckpointPolicy.MUST_SAVE
     assert fc1 == other == CheckpointPolicy.PREFER_RECOMPUTE
+    # the same for dit.bf16_linear's oneDNN forward (x, weight [out, in], bias, ...)
+    onednn = torch.ops.mkldnn._linear_pointwise.default
+    assert _keep_down_projections(None, onednn, d, torch.empty(32, 128), None, "none", [], "") == \
+        CheckpointPolicy.MUST_SAVE
+    assert _keep_down_projections(None, onednn, tokens, torch.empty(128, 32), None, "none", [], "") == \
+        CheckpointPolicy.PREFER_RECOMPUTE
 
 
 @pytest.mark.parametrize("conditioning", VARIANTS)

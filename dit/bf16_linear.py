@@ -1,0 +1,76 @@
+"""A Linear layer's forward and backward for bf16 training on the CPU, arranged for oneDNN's AMX kernels.
+
+Two costs of ATen's path on a Sapphire Rapids core (benchmarks/RESULTS.md): `addmm` writes the broadcast bias into
+its output before the matmul (an extra pass over [tokens, out] per layer), and the weight gradient `gy^T @ x`, a
+matmul with a transposed left operand and the token count (tens of thousands) as its inner dimension, runs at a
+third of the forward's rate. Here the forward is one oneDNN call with the bias in the epilogue, and the weight
+gradient is computed from a transposed copy of whichever operand is narrower (a [tokens, 384] copy costs less than
+the matmul time it saves). The values are the same matmuls with fp32 accumulation, so gradients agree with
+ATen's to bf16 rounding.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+# Below this many rows the plain transposed-operand matmul is as fast as copying first.
+_MIN_ROWS_FOR_TRANSPOSE = 1024
+
+
+def _transposed(m: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of m.t() for a [rows, cols] matrix (in row blocks: ATen's single transposing copy of a
+    bf16 matrix is several times slower than copying 512-row blocks)."""
+    return torch.cat([m[i:i + 512].t() for i in range(0, m.shape[0], 512)], dim=1)
+
+
+class _LinearBF16(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]  # type: ignore[override]
+                ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad.mm(weight) if ctx.needs_input_grad[0] else None
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            rows, (n_out, k_in) = x.shape[0], weight.shape
+            if rows >= _MIN_ROWS_FOR_TRANSPOSE and k_in < n_out:
+                grad_w = _transposed(x).mm(grad).t()
+            elif rows >= _MIN_ROWS_FOR_TRANSPOSE and n_out < k_in:
+                grad_w = _transposed(grad).mm(x)
+            else:
+                grad_w = grad.t().mm(x)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def applies(layer: nn.Linear, x: torch.Tensor) -> bool:
+    """Whether `linear_bf16` handles this call: CPU training under bf16 autocast (or on bf16 tensors), oneDNN bf16
+    available, plain (not ZeRO-3-partitioned) parameters."""
+    from dit.layers import _onednn_bf16  # here, not at import time: dit.layers imports this module
+
+    if not (torch.is_grad_enabled() and x.device.type == "cpu"):
+        return False
+    weight = layer.weight
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    in_bf16 = x.dtype == torch.bfloat16 and (autocast_bf16 or weight.dtype == torch.bfloat16)
+    # ZeRO-3 gathers a module's parameters in hooks around the module's own forward, which this path bypasses.
+    return in_bf16 and not hasattr(weight, "ds_id") and _onednn_bf16()
+
+
+def linear_bf16(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` for CPU bf16 training (see `applies`), as the module computes it under bf16 autocast."""
+    weight = layer.weight.to(torch.bfloat16)
+    bias = layer.bias.to(torch.bfloat16) if layer.bias is not None else None
+    out = _LinearBF16.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return out.view(*x.shape[:-1], out.shape[-1])
