@@ -18,12 +18,23 @@ from torch.autograd.function import once_differentiable
 
 # Below this many rows the plain transposed-operand matmul is as fast as copying first.
 _MIN_ROWS_FOR_TRANSPOSE = 1024
+# Rows appended to a transposed input for the bias gradient: a multiple of AMX's tile height keeps the matmul fast.
+_PAD = 16
 
 
-def _transposed(m: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of m.t() for a [rows, cols] matrix (in row blocks: ATen's single transposing copy of a
-    bf16 matrix is several times slower than copying 512-row blocks)."""
-    return torch.cat([m[i:i + 512].t() for i in range(0, m.shape[0], 512)], dim=1)
+def _transposed(m: torch.Tensor, ones_row: bool = False) -> torch.Tensor:
+    """A contiguous copy of m.t() for a [rows, cols] matrix, copied in 512-row blocks (ATen's single transposing
+    copy of a large bf16 matrix is several times slower). With `ones_row`: 16 more rows, all zero but the first
+    (ones), so that `_transposed(x, True) @ g` also yields the column sums of g (a bias gradient) in its row `cols`.
+    """
+    rows, cols = m.shape
+    out = m.new_empty(cols + (_PAD if ones_row else 0), rows)
+    for i in range(0, rows, 512):
+        out[:cols, i:i + 512].copy_(m[i:i + 512].t())
+    if ones_row:
+        out[cols:].zero_()
+        out[cols].fill_(1.0)
+    return out
 
 
 class _LinearBF16(torch.autograd.Function):
@@ -41,15 +52,21 @@ class _LinearBF16(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = grad.mm(weight) if ctx.needs_input_grad[0] else None
         grad_w = grad_b = None
-        if ctx.needs_input_grad[1]:
-            rows, (n_out, k_in) = x.shape[0], weight.shape
-            if rows >= _MIN_ROWS_FOR_TRANSPOSE and k_in < n_out:
-                grad_w = _transposed(x).mm(grad).t()
-            elif rows >= _MIN_ROWS_FOR_TRANSPOSE and n_out < k_in:
-                grad_w = _transposed(grad).mm(x)
-            else:
-                grad_w = grad.t().mm(x)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        want_b = ctx.has_bias and ctx.needs_input_grad[2]
+        rows, (n_out, k_in) = x.shape[0], weight.shape
+        if ctx.needs_input_grad[1] and rows >= _MIN_ROWS_FOR_TRANSPOSE and k_in < n_out:
+            # [x^T; 1 0...] @ grad = [grad_w^T; grad_b; 0...]: the bias gradient rides in the matmul (a column sum
+            # of a bf16 [tokens, out] matrix costs more than the padded rows).
+            prod = _transposed(x, ones_row=want_b).mm(grad)
+            grad_w = prod[:k_in].t()
+            grad_b = prod[k_in] if want_b else None
+        elif ctx.needs_input_grad[1] and rows >= _MIN_ROWS_FOR_TRANSPOSE and n_out < k_in:
+            grad_t = _transposed(grad)
+            grad_w = grad_t.mm(x)
+            grad_b = grad_t.sum(1) if want_b else None  # contiguous rows: cheap
+        elif ctx.needs_input_grad[1]:
+            grad_w = grad.t().mm(x)
+        if want_b and grad_b is None:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
 
