@@ -50,8 +50,8 @@ class DiT(nn.Module):
     mlp_ratio, class_dropout_prob (label dropout to the null class `num_classes`), num_classes (0 = unconditional),
     learn_sigma (output 2 * in_channels: eps and the variance interpolation).
     Args (ours): conditioning ("adaln_zero" | "adaln" | "cross_attn" | "in_context"), qk_norm (LayerNorm on
-    queries and keys per head), grad_checkpointing (activation checkpointing of every block but the last, keeping
-    the MLP output projections), timestep_freq_shift and
+    queries and keys per head), grad_checkpointing (activation checkpointing of every block but the last eighth,
+    keeping the MLP output projections), timestep_freq_shift and
     mlp_norm_eps (numerics knobs: 0 and 1e-6 are the official model; 1 and 1e-5 reproduce diffusers'
     `DiTTransformer2DModel` exactly).
     """
@@ -181,11 +181,12 @@ class DiT(nn.Module):
                 x = torch.cat([cond.to(x.dtype), x], dim=1)
                 cond = None
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
-        last = len(self.blocks) - 1
+        # The last blocks (an eighth of them, at least one) are not checkpointed: the backward would recompute them
+        # first thing, so keeping their activations adds little to the peak and saves their forward. The others
+        # keep fc2's output.
+        first_kept = len(self.blocks) - max(1, -(-len(self.blocks) // 8))
         for i, block in enumerate(self.blocks):
-            # The last block is not checkpointed: the backward would recompute it first thing, so keeping its
-            # activations adds little to the peak and saves one block's forward. The others keep fc2's output.
-            if use_ckpt and i < last:
+            if use_ckpt and i < first_kept:
                 x = checkpoint(block, x, cond, use_reentrant=False, context_fn=_checkpoint_contexts)
             else:
                 x = block(x, cond)

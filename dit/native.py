@@ -191,7 +191,8 @@ def _rowscale_backward(grad: torch.Tensor, x: torch.Tensor, m: torch.Tensor, off
 
 class _Modulate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor,  # type: ignore[override]
+                scale: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         ctx.save_for_backward(x, scale)
         return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
