@@ -42,7 +42,7 @@ class ModelConfig:
     learn_sigma: bool = True  # predict the variance too (hybrid loss with the VLB term, as DiT/ADM)
     conditioning: Literal["adaln_zero", "adaln", "cross_attn", "in_context"] = "adaln_zero"  # how t and y enter the blocks (the paper's four variants)
     qk_norm: bool = False  # LayerNorm on queries and keys (stabilises long bf16 runs)
-    grad_checkpointing: bool = False  # recompute activations in backward (1/3 the memory, ~1.3x time)
+    grad_checkpointing: bool = False  # recompute activations in backward (~40% of the memory, ~1.3x the time)
 
 
 @dataclass
