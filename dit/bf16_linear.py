@@ -76,7 +76,8 @@ def applies(layer: nn.Linear, x: torch.Tensor) -> bool:
     available, plain (not ZeRO-3-partitioned) parameters."""
     from dit.layers import _onednn_bf16  # here, not at import time: dit.layers imports this module
 
-    if not (torch.is_grad_enabled() and x.device.type == "cpu"):
+    # Not under torch.compile: inductor lowers oneDNN's linear only with constant (frozen) weights.
+    if not (torch.is_grad_enabled() and x.device.type == "cpu") or torch.compiler.is_compiling():
         return False
     weight = layer.weight
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

@@ -38,7 +38,7 @@ def _onednn_bf16() -> bool:
 def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True for bf16 inference on the CPU with bf16-stored weights, where oneDNN's fused linear applies."""
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and not torch.is_grad_enabled() and _onednn_bf16())
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and _onednn_bf16())
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:

@@ -131,7 +131,10 @@ def simd_width() -> int:
 def _applies(*tensors: torch.Tensor) -> bool:
     """Fused path: autograd recording on CPU bf16 or fp32 tensors of one dtype, with the kernels available."""
     dtype = tensors[0].dtype
-    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and dtype in _SUFFIX
+    # Under torch.compile the plain expressions are traced instead (inductor fuses them; ctypes calls would break
+    # the graph).
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(t.requires_grad for t in tensors) and dtype in _SUFFIX
             and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors) and available())
 
 

@@ -279,3 +279,28 @@ def test_attention_module_uses_the_packed_kernel_only_without_qk_norm():
                 names.add(type(node).__name__)
                 stack.extend(n for n, _ in node.next_functions)
         assert ("_PackedAttentionBackward" in names) == (not qk_norm and native.available())
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_the_plain_ops():
+    """`train.compile`: under torch.compile the kernels step aside (inductor fuses the plain ops; oneDNN's linear
+    cannot be lowered with trainable weights), and the compiled step gives the eager gradients."""
+    from dit.models import DiT
+
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10,
+                class_dropout_prob=0.0)
+    x, t, y = torch.randn(4, 4, 8, 8), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
+
+    def grads(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x, t, y)
+        out.float().square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager = grads(model)
+    compiled = grads(torch.compile(model))
+    for name, g in eager.items():
+        assert torch.isfinite(compiled[name]).all()
+        assert ((compiled[name] - g).norm() / g.norm().clamp_min(1e-12)) < 0.05, name
