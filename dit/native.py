@@ -155,7 +155,7 @@ class _GeluTanh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         u = u.contiguous()
-        out = torch.empty_like(u)
+        out = torch.empty_like(u, memory_format=torch.contiguous_format)
         _kernel("gelu_fwd", u.dtype)(_ptr(u), _ptr(out), u.numel(), _threads())
         ctx.save_for_backward(u)
         return out
@@ -165,7 +165,7 @@ class _GeluTanh(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (u,) = ctx.saved_tensors
         grad = grad.to(u.dtype).contiguous()
-        out = torch.empty_like(u)
+        out = torch.empty_like(u, memory_format=torch.contiguous_format)
         _kernel("gelu_bwd", u.dtype)(_ptr(grad), _ptr(u), _ptr(out), u.numel(), _threads())
         return out
 
@@ -182,9 +182,10 @@ def _rowscale_backward(grad: torch.Tensor, x: torch.Tensor, m: torch.Tensor, off
                        ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(grad * (m + offset), sum_t grad * x, sum_t grad) for grad, x [N, T, D] and m [N, D] (see the C source)."""
     n, t, d = x.shape
+    x = x.contiguous()
     grad = grad.to(x.dtype).contiguous()
     m32 = m.float().contiguous()
-    gx = torch.empty_like(x)
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     gm = torch.empty(n, d, dtype=torch.float32)
     gsum = torch.empty(n, d, dtype=torch.float32) if with_sum else None
     _kernel("rowscale_bwd", x.dtype)(_ptr(grad), _ptr(x), _ptr(m32), offset, _ptr(gx), _ptr(gm),
@@ -254,7 +255,7 @@ class _PackedAttention(torch.autograd.Function):
         q, k, v = (z.view(n * h, t, d) for z in qkv.unbind(0))
         scale = d ** -0.5
         scores = torch.baddbmm(q.new_zeros(()).expand(1, 1, 1), q, k.transpose(1, 2), beta=0.0, alpha=scale)
-        probs = torch.empty_like(scores)
+        probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
         _library().dit_softmax_fwd_bf16(_ptr(scores), _ptr(probs), n * h * t, t, _threads())
         ctx.save_for_backward(qkv, probs)
         ctx.scale = scale
@@ -267,11 +268,11 @@ class _PackedAttention(torch.autograd.Function):
         _, n, h, t, d = qkv.shape
         q, k, v = (z.view(n * h, t, d) for z in qkv.unbind(0))
         grad = grad.to(torch.bfloat16).reshape(n * h, t, d).contiguous()
-        out = torch.empty_like(qkv)
+        out = torch.empty_like(qkv, memory_format=torch.contiguous_format)
         dq, dk, dv = (z.view(n * h, t, d) for z in out.unbind(0))
         torch.bmm(probs.transpose(1, 2), grad, out=dv)
         dprobs = torch.bmm(grad, v.transpose(1, 2))
-        dscores = torch.empty_like(dprobs)
+        dscores = torch.empty_like(dprobs, memory_format=torch.contiguous_format)
         _library().dit_softmax_bwd_bf16(_ptr(probs), _ptr(dprobs), _ptr(dscores), n * h * t, t, _threads())
         zero = dscores.new_zeros(()).expand(1, 1, 1)
         torch.baddbmm(zero, dscores, k, beta=0.0, alpha=ctx.scale, out=dq)

@@ -304,3 +304,20 @@ def test_torch_compile_traces_the_plain_ops():
     for name, g in eager.items():
         assert torch.isfinite(compiled[name]).all()
         assert ((compiled[name] - g).norm() / g.norm().clamp_min(1e-12)) < 0.05, name
+
+
+@needs_kernels
+def test_non_contiguous_inputs():
+    torch.manual_seed(0)
+    base = torch.randn(3, 40, 7).bfloat16().requires_grad_()
+    x = base.transpose(1, 2)  # [3, 7, 40], strided
+    shift, scale = torch.randn(3, 40).bfloat16(), torch.randn(3, 40).bfloat16()
+    out = native.gated_residual(x, scale, native.gelu_tanh(native.modulate(x, shift, scale)))
+    grad = torch.randn(out.shape).bfloat16()
+    (got,) = torch.autograd.grad(out, base, grad)
+    b64 = base.detach().double().requires_grad_()
+    x64 = b64.transpose(1, 2)
+    ref = x64 + scale.double()[:, None] * _gelu64(x64 * (1 + scale.double()[:, None]) + shift.double()[:, None])
+    (want,) = torch.autograd.grad(ref, b64, grad.double())
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
