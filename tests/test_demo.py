@@ -78,7 +78,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert summary["digits_accuracy"] == metrics["digits_accuracy"]
     assert 0.0 <= metrics["digits_accuracy"] <= 1.0
     # Measured here: the quick recipe (1200 DiT steps of 32) reaches 48 % accuracy, FD-digits 47.5 (chance is 10 %;
-    # the full demo 97.6 %, FD 11.8; an untrained model draws noise with FD > 140). Margins cover run-to-run noise.
+    # the full demo 97.8 %, FD 11.7; an untrained model draws noise with FD > 140). Margins cover run-to-run noise.
     assert metrics["digits_accuracy"] > 0.25
     assert metrics["digits_fd"] < 100
     assert "metric:" in proc.stdout and str(out) in proc.stdout
