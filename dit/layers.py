@@ -180,14 +180,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, T, D] → [N, T, D]."""
         n, t, d = x.shape
-        qkv = linear(self.qkv, x).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if x.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16):
-            # One copy into [3, N, H, T, d] instead of one per operand inside each matmul of the explicit CPU
-            # attention (and its backward). fp32 goes to the flash kernel, which takes the strided views as they are.
-            qkv = qkv.contiguous()
-        if isinstance(self.q_norm, nn.Identity) and native.packed_attention_applies(qkv):
-            out = native.packed_attention(qkv)  # bf16 CPU training: fused softmax, gradient in qkv's layout
+        tokens = linear(self.qkv, x).view(n, t, 3, self.num_heads, self.head_dim)
+        if isinstance(self.q_norm, nn.Identity) and native.packed_attention_applies(tokens):
+            out = native.packed_attention(tokens)  # bf16 CPU training: fused layout changes and softmax
         else:
+            qkv = tokens.permute(2, 0, 3, 1, 4)
+            if x.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16):
+                # One copy into [3, N, H, T, d] instead of one per operand inside each matmul of the explicit CPU
+                # attention (and its backward). fp32 goes to the flash kernel, which takes the strided views as
+                # they are.
+                qkv = qkv.contiguous()
             q, k, v = qkv.unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
             out = attention(q, k, v)

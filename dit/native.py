@@ -113,6 +113,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.dit_softmax_fwd_bf16.argtypes = [ptr, ptr, i64, i64, i32]
     lib.dit_softmax_bwd_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i32]
     lib.dit_softmax_fwd_bf16.restype = lib.dit_softmax_bwd_bf16.restype = None
+    lib.dit_qkv_permute_u16.argtypes = [ptr, ptr, i64, i64, i64, i64, i32, i32]
+    lib.dit_qkv_permute_u16.restype = None
     lib.dit_native_simd.restype = ctypes.c_int
     return lib
 
@@ -245,13 +247,16 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
 
 # --------------------------------------------------------------------------------------------- attention
 class _PackedAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(d)) v from one [3, N, H, T, d] bf16 tensor; the gradient comes back in one tensor of
-    that layout too (no stacking of three gradients, as the backward of `unbind` would do)."""
+    """softmax(q k^T / sqrt(d)) v from the fused QKV projection's output [N, T, 3, H, d] (bf16), returned as
+    [N, H, T, d]; its gradient comes back in the projection's layout, with no stack of three gradients (the
+    backward of `unbind`) and no general strided copies (the permutation to heads and back is a C kernel)."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        qkv = qkv.contiguous()
-        _, n, h, t, d = qkv.shape
+    def forward(ctx, tokens: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        tokens = tokens.contiguous()
+        n, t, _, h, d = tokens.shape
+        qkv = tokens.new_empty(3, n, h, t, d)
+        _library().dit_qkv_permute_u16(_ptr(tokens), _ptr(qkv), n, t, h, d, 1, _threads())
         q, k, v = (z.view(n * h, t, d) for z in qkv.unbind(0))
         scale = d ** -0.5
         scores = torch.baddbmm(q.new_zeros(()).expand(1, 1, 1), q, k.transpose(1, 2), beta=0.0, alpha=scale)
@@ -268,8 +273,8 @@ class _PackedAttention(torch.autograd.Function):
         _, n, h, t, d = qkv.shape
         q, k, v = (z.view(n * h, t, d) for z in qkv.unbind(0))
         grad = grad.to(torch.bfloat16).reshape(n * h, t, d).contiguous()
-        out = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-        dq, dk, dv = (z.view(n * h, t, d) for z in out.unbind(0))
+        heads = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        dq, dk, dv = (z.view(n * h, t, d) for z in heads.unbind(0))
         torch.bmm(probs.transpose(1, 2), grad, out=dv)
         dprobs = torch.bmm(grad, v.transpose(1, 2))
         dscores = torch.empty_like(dprobs, memory_format=torch.contiguous_format)
@@ -277,15 +282,18 @@ class _PackedAttention(torch.autograd.Function):
         zero = dscores.new_zeros(()).expand(1, 1, 1)
         torch.baddbmm(zero, dscores, k, beta=0.0, alpha=ctx.scale, out=dq)
         torch.baddbmm(zero, dscores.transpose(1, 2), q, beta=0.0, alpha=ctx.scale, out=dk)
+        out = qkv.new_empty(n, t, 3, h, d)
+        _library().dit_qkv_permute_u16(_ptr(heads), _ptr(out), n, t, h, d, 0, _threads())
         return out
 
 
-def packed_attention_applies(qkv: torch.Tensor) -> bool:
-    """Whether `packed_attention` runs the fused kernels (bf16 CPU training) for this [3, N, H, T, d] tensor."""
-    return qkv.dim() == 5 and qkv.dtype == torch.bfloat16 and _applies(qkv)
+def packed_attention_applies(tokens: torch.Tensor) -> bool:
+    """Whether `packed_attention` runs the fused kernels (bf16 CPU training) for this [N, T, 3, H, d] tensor."""
+    return tokens.dim() == 5 and tokens.shape[2] == 3 and tokens.dtype == torch.bfloat16 and _applies(tokens)
 
 
-def packed_attention(qkv: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for q, k, v = qkv.unbind(0), each [N, H, T, d]; bf16 CPU training only (see
+def packed_attention(tokens: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, each of q, k, v [N, H, T, d], from the fused QKV projection's output
+    `tokens` [N, T, 3, H, d] (q, k, v = tokens.permute(2, 0, 3, 1, 4).unbind(0)); bf16 CPU training only (see
     `packed_attention_applies`). The scores are rounded to bf16 as in any non-fused attention under autocast."""
-    return _PackedAttention.apply(qkv)
+    return _PackedAttention.apply(tokens)

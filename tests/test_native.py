@@ -241,15 +241,17 @@ def test_bf16_linear_applies_only_to_cpu_bf16_training():
 @pytest.mark.parametrize("n, h, t, d", [(2, 3, 32, 16), (2, 2, 37, 8)])  # vector-width rows, and a scalar tail
 def test_packed_attention_matches_float64(n, h, t, d):
     torch.manual_seed(0)
-    qkv = torch.randn(3, n, h, t, d).bfloat16().requires_grad_()
-    assert native.packed_attention_applies(qkv)
-    out = native.packed_attention(qkv)
+    tokens = torch.randn(n, t, 3, h, d).bfloat16().requires_grad_()  # the fused QKV projection's layout
+    assert native.packed_attention_applies(tokens)
+    out = native.packed_attention(tokens)
+    assert out.shape == (n, h, t, d)
     grad = torch.randn(out.shape).bfloat16()
-    (got,) = torch.autograd.grad(out, qkv, grad)
-    qkv64 = qkv.detach().double().requires_grad_()
-    q, k, v = qkv64.unbind(0)
+    (got,) = torch.autograd.grad(out, tokens, grad)
+    tokens64 = tokens.detach().double().requires_grad_()
+    q, k, v = tokens64.permute(2, 0, 3, 1, 4).unbind(0)
     ref = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1) @ v
-    (want,) = torch.autograd.grad(ref, qkv64, grad.double())
+    (want,) = torch.autograd.grad(ref, tokens64, grad.double())
+    assert got.shape == tokens.shape and got.is_contiguous()
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=1e-2 * ref.abs().max().item())
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
 
