@@ -1,8 +1,8 @@
-/* Fused CPU kernels for bf16 training of DiT blocks (see dit/native.py, which builds and loads this file).
+/* Fused CPU kernels for training DiT blocks (see dit/native.py, which builds and loads this file).
  *
  * ATen runs each of these as several passes over [tokens, channels] tensors (its bf16 tanh-GELU alone costs 4x the
- * matmul in front of it on a Sapphire Rapids core); here each is one pass, computed in fp32 and rounded to bf16
- * (round to nearest even) like ATen's reduced-precision kernels. All tensors are contiguous, row-major; bf16 is
+ * matmul in front of it on a Sapphire Rapids core); here each is one pass, computed in fp32 and, for bf16 storage,
+ * rounded to nearest even like ATen's reduced-precision kernels. All tensors are contiguous, row-major; bf16 is
  * passed as uint16_t. Every function splits its work over `nthreads` threads: OpenMP (torch's runtime) when built
  * with -fopenmp, POSIX threads otherwise.
  *
