@@ -10,6 +10,7 @@ ATen's to bf16 rounding.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -20,6 +21,15 @@ from torch.autograd.function import once_differentiable
 _MIN_ROWS_FOR_TRANSPOSE = 1024
 # Rows appended to a transposed input for the bias gradient: a multiple of AMX's tile height keeps the matmul fast.
 _PAD = 16
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_bf16() -> bool:
+    """Whether this CPU and torch build run oneDNN's bf16 kernels natively (not on every x86/ARM CPU)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _transposed(m: torch.Tensor, ones_row: bool = False) -> torch.Tensor:
@@ -74,8 +84,6 @@ class _LinearBF16(torch.autograd.Function):
 def applies(layer: nn.Linear, x: torch.Tensor) -> bool:
     """Whether `linear_bf16` handles this call: CPU training under bf16 autocast (or on bf16 tensors), oneDNN bf16
     available, plain (not ZeRO-3-partitioned) parameters."""
-    from dit.layers import _onednn_bf16  # here, not at import time: dit.layers imports this module
-
     # Not under torch.compile: inductor lowers oneDNN's linear only with constant (frozen) weights.
     if not (torch.is_grad_enabled() and x.device.type == "cpu") or torch.compiler.is_compiling():
         return False
@@ -83,7 +91,7 @@ def applies(layer: nn.Linear, x: torch.Tensor) -> bool:
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     in_bf16 = x.dtype == torch.bfloat16 and (autocast_bf16 or weight.dtype == torch.bfloat16)
     # ZeRO-3 gathers a module's parameters in hooks around the module's own forward, which this path bypasses.
-    return in_bf16 and not hasattr(weight, "ds_id") and _onednn_bf16()
+    return in_bf16 and not hasattr(weight, "ds_id") and onednn_bf16()
 
 
 def linear_bf16(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

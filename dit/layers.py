@@ -5,7 +5,6 @@ checkpoints map onto these modules key for key.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -26,13 +25,7 @@ def approx_gelu() -> nn.Module:
     return nn.GELU(approximate="tanh")
 
 
-@functools.lru_cache(maxsize=1)
-def _onednn_bf16() -> bool:
-    """Whether this CPU and torch build run oneDNN's bf16 kernels natively (not on every x86/ARM CPU)."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+_onednn_bf16 = bf16_linear.onednn_bf16
 
 
 def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:

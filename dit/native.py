@@ -1,4 +1,5 @@
-"""Fused CPU kernels for training (tanh GELU, adaLN modulation, gated residual), with torch fallbacks.
+"""Fused CPU kernels for training (tanh GELU, adaLN modulation, gated residual, attention softmax and QKV layout),
+with torch fallbacks.
 
 On the CPU, ATen runs the tanh GELU and the backward of the per-sample products of a DiT block (modulation and
 gates) as several passes over [tokens, channels] tensors each; in bf16 training they cost as much as the block's
@@ -8,7 +9,8 @@ with ctypes: no torch headers, so the build takes about a second.
 
 The fused versions are used only where they apply: CPU, bf16 or fp32, autograd recording. Everything else (CUDA,
 inference) and any machine without a C compiler takes the plain torch expressions, which are the reference the
-tests compare against. `DIT_NATIVE_KERNELS=0` turns the kernels off; `DIT_NATIVE_CACHE` moves the build cache.
+tests compare against. `DIT_NATIVE_KERNELS=0` turns the kernels off; `DIT_NATIVE_CACHE` moves the build cache;
+`unavailable_reason()` says why they are off.
 """
 from __future__ import annotations
 
@@ -80,14 +82,16 @@ def _build(compiler: str, flags: list[str], target: Path) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _library() -> Optional[ctypes.CDLL]:
-    """The compiled kernels, building them if needed; None when disabled or no compiler works here."""
-    if os.environ.get("DIT_NATIVE_KERNELS", "1") == "0" or platform.system() != "Linux":
-        return None
+def _load() -> tuple[Optional[ctypes.CDLL], str]:
+    """(the compiled kernels, built if needed, "") or (None, why not)."""
+    if os.environ.get("DIT_NATIVE_KERNELS", "1") == "0":
+        return None, "turned off by DIT_NATIVE_KERNELS=0"
+    if platform.system() != "Linux":
+        return None, f"built only on Linux, this is {platform.system()}"
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         log.info("no C compiler found: fused CPU kernels off (plain torch ops)")
-        return None
+        return None, f"no C compiler ({os.environ.get('CC', 'cc')} or gcc) on PATH"
     lib, detail = None, ""
     # With -fopenmp the kernels share torch's OpenMP thread pool; without (no libgomp to link), POSIX threads.
     for flags in (_compile_flags() + ["-fopenmp"], _compile_flags()):
@@ -102,7 +106,7 @@ def _library() -> Optional[ctypes.CDLL]:
             detail = (getattr(err, "stderr", "") or str(err)).strip()[:500]
     if lib is None:
         log.warning("building the fused CPU kernels failed, using plain torch ops: %s", detail)
-        return None
+        return None, f"building with {compiler} failed: {detail}"
     i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     for sfx in _SUFFIX.values():
         getattr(lib, f"dit_gelu_fwd_{sfx}").argtypes = [ptr, ptr, i64, i32]
@@ -116,12 +120,21 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.dit_qkv_permute_u16.argtypes = [ptr, ptr, i64, i64, i64, i64, i32, i32]
     lib.dit_qkv_permute_u16.restype = None
     lib.dit_native_simd.restype = ctypes.c_int
-    return lib
+    return lib, ""
+
+
+def _library() -> Optional[ctypes.CDLL]:
+    return _load()[0]
 
 
 def available() -> bool:
     """Whether the fused CPU kernels are built and loaded on this machine."""
     return _library() is not None
+
+
+def unavailable_reason() -> str:
+    """Why the kernels are not in use here ("" when they are)."""
+    return _load()[1]
 
 
 def simd_width() -> int:
