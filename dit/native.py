@@ -10,7 +10,7 @@ with ctypes: no torch headers, so the build takes about a second.
 The fused versions are used only where they apply: CPU, bf16 or fp32, autograd recording. Everything else (CUDA,
 inference) and any machine without a C compiler takes the plain torch expressions, which are the reference the
 tests compare against. `DIT_NATIVE_KERNELS=0` turns the kernels off; `DIT_NATIVE_CACHE` moves the build cache;
-`unavailable_reason()` says why they are off.
+`unavailable_reason()` says why they are off; `DIT_NATIVE_PORTABLE=1` forces the portable C build (for tests).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _compile_flags() -> list[str]:
     """Compiler flags for this CPU (without OpenMP)."""
     # Explicit ISA flags rather than -march=native: the cache key then says exactly which instructions the
     # library uses, so a home directory shared by cluster nodes with different CPUs never loads a wrong build.
-    flags = _cpu_flags()
+    flags = set() if os.environ.get("DIT_NATIVE_PORTABLE") == "1" else _cpu_flags()  # 1: the plain-C build
     isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"] if set(_AVX512_FLAGS) <= flags else []
     if isa and "avx512_bf16" in flags:
         isa.append("-mavx512bf16")  # one-instruction fp32 -> bf16 rounding

@@ -339,3 +339,37 @@ def test_non_contiguous_inputs():
     (want,) = torch.autograd.grad(ref, b64, grad.double())
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+_PORTABLE_CHECK = """
+import torch, torch.nn.functional as F
+from dit import native
+assert native.available() and native.simd_width() == 0, native.unavailable_reason()
+torch.manual_seed(0)
+for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
+    u = (torch.randn(5, 37) * 3).to(dtype).requires_grad_()
+    x, shift, scale = torch.randn(3, 5, 37).to(dtype).requires_grad_(), torch.randn(3, 37).to(dtype), \\
+        torch.randn(3, 37).to(dtype).requires_grad_()
+    outs = [native.gelu_tanh(u), native.gated_residual(x, scale, native.modulate(x, shift, scale))]
+    refs = [F.gelu(u.double(), approximate="tanh"),
+            x.double() + scale.double()[:, None]
+            * (x.double() * (1 + scale.double()[:, None]) + shift.double()[:, None])]
+    for out, ref, inputs in zip(outs, refs, ([u], [x, scale])):
+        g = torch.randn(out.shape).to(dtype)
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+        for got, want in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g.double())):
+            torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * want.abs().max().item())
+tokens = torch.randn(2, 19, 3, 2, 8).bfloat16().requires_grad_()
+q, k, v = tokens.double().permute(2, 0, 3, 1, 4).unbind(0)
+ref = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1) @ v
+torch.testing.assert_close(native.packed_attention(tokens).double(), ref, rtol=2e-2, atol=2e-2)
+print("portable ok")
+"""
+
+
+@needs_kernels
+def test_portable_c_build_matches_float64(tmp_path):
+    """The build a CPU without AVX-512 gets (plain C loops), checked on this machine."""
+    proc = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=entry_env(DIT_NATIVE_CACHE=str(tmp_path), DIT_NATIVE_PORTABLE="1"))
+    assert proc.returncode == 0 and "portable ok" in proc.stdout, proc.stderr[-3000:]
