@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from dit import bf16_linear, native
+from dit import bf16_linear, fused_block, native
 from dit.native import gated_residual, gelu_tanh, modulate  # noqa: F401  (re-exported: part of this API)
 
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attn", "in_context")
@@ -227,9 +227,24 @@ class DiTBlock(nn.Module):
                        drop=0)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
+    def _fused_fp32(self, x: torch.Tensor) -> bool:
+        """Whether this block runs through `dit.fused_block` (fp32 CPU training; the modules as built here)."""
+        attn, mlp_ = self.attn, self.mlp
+        plain = (isinstance(attn.q_norm, nn.Identity) and isinstance(mlp_.norm, nn.Identity)
+                 and isinstance(mlp_.act, nn.GELU) and mlp_.act.approximate == "tanh"
+                 and all(lin.bias is not None for lin in (attn.qkv, attn.proj, mlp_.fc1, mlp_.fc2)))
+        return plain and fused_block.applies(x, attn, mlp_)
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x [N, T, D], c = silu(conditioning) [N, D] (the SiLU is applied once by the model)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation[1](c).chunk(6, dim=1)
+        if self._fused_fp32(x):
+            h = fused_block.qkv_attention(fused_block.norm_modulate(x, shift_msa, scale_msa, self.norm1.eps),
+                                          self.attn.qkv, self.attn.num_heads)
+            x = fused_block.linear_gated_residual(x, gate_msa, h, self.attn.proj)
+            h = fused_block.norm_modulate(x, shift_mlp, scale_mlp, self.norm2.eps)
+            return fused_block.linear_gated_residual(x, gate_mlp, fused_block.linear_gelu(h, self.mlp.fc1),
+                                                     self.mlp.fc2)
         x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         return gated_residual(x, gate_mlp, mlp(self.mlp, modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
@@ -311,5 +326,7 @@ class FinalLayer(nn.Module):
         """x [N, T, D], c = silu(conditioning) [N, D] (ignored when not adaptive) → [N, T, p*p*C]."""
         if self.adaptive:
             shift, scale = self.adaLN_modulation[1](c).chunk(2, dim=1)
+            if fused_block.applies(x, self.linear):  # fp32 CPU training: LayerNorm and modulation in one pass
+                return self.linear(fused_block.norm_modulate(x, shift, scale, self.norm_final.eps))
             return self.linear(modulate(self.norm_final(x), shift, scale))
         return self.linear(self.norm_final(x))

@@ -119,6 +119,17 @@ def _load() -> tuple[Optional[ctypes.CDLL], str]:
     lib.dit_softmax_fwd_bf16.restype = lib.dit_softmax_bwd_bf16.restype = None
     lib.dit_qkv_permute_u16.argtypes = [ptr, ptr, i64, i64, i64, i64, i32, i32]
     lib.dit_qkv_permute_u16.restype = None
+    # fp32 block kernels (dit/fused_block.py)
+    lib.dit_norm_modulate_fwd_f32.argtypes = [ptr, ptr, ptr, f32, ptr, ptr, ptr, i64, i64, i64, i32]
+    lib.dit_norm_modulate_bwd_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32]
+    lib.dit_gelu_bias_fwd_f32.argtypes = [ptr, ptr, ptr, i64, i64, i32]
+    lib.dit_gelu_bias_bwd_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32]
+    lib.dit_gated_bias_fwd_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32]
+    lib.dit_qkv_grad_f32.argtypes = [ptr, ptr, ptr, ctypes.POINTER(i64), ctypes.POINTER(i64), ptr, ptr, i64, i64,
+                                     i64, i32]
+    for name in ("norm_modulate_fwd", "norm_modulate_bwd", "gelu_bias_fwd", "gelu_bias_bwd", "gated_bias_fwd",
+                 "qkv_grad"):
+        getattr(lib, f"dit_{name}_f32").restype = None
     lib.dit_native_simd.restype = ctypes.c_int
     return lib, ""
 

@@ -348,6 +348,229 @@ void dit_qkv_permute_u16(const uint16_t *src, uint16_t *dst, int64_t N, int64_t 
   parallel_for(qkv_range, &a, N, 1, nthreads);
 }
 
+/* ------------------------------------------------------------------------------------------------ fp32 block */
+/* fp32 CPU training of the adaLN-Zero block (dit/fused_block.py). A Linear layer's bias is not added by the matmul
+ * (ATen's addmm first writes the broadcast bias into its output, an extra pass) but by the kernel that consumes
+ * the matmul's output, and its gradient (a column sum) is accumulated by the kernel that produces the output's
+ * gradient. Sums over tokens are per sample, each sample on one thread in a fixed order: results do not depend on
+ * the thread count. Layouts: tokens [N, T, D] row-major, per-sample vectors [N, D], per-channel vectors [D]. */
+typedef struct {
+  const float *x, *g, *a, *b, *c; float eps; float *out, *s1, *s2, *s3; int64_t T, D;
+} block_args;
+
+/* LayerNorm without affine of each row, then the adaLN modulation:
+ *   out[n, t, :] = (x - mean) * rstd * (1 + scale[n, :]) + shift[n, :],  rstd = 1 / sqrt(var + eps)
+ * (a = shift, b = scale; per-row mean and rstd are written to s1, s2 for the backward). */
+static void norm_modulate_fwd_range(void *p, int64_t rb, int64_t re) {
+  block_args *A = (block_args *)p;
+  const int64_t T = A->T, D = A->D;
+  for (int64_t r = rb; r < re; r++) {
+    const float *x = A->x + r * D, *shift = A->a + (r / T) * D, *scale = A->b + (r / T) * D;
+    float *out = A->out + r * D;
+    float sum = 0.f, sq = 0.f;
+    int64_t i = 0;
+#ifdef DIT_AVX512
+    __m512 vs = _mm512_setzero_ps();
+    for (; i + 16 <= D; i += 16) vs = _mm512_add_ps(vs, _mm512_loadu_ps(x + i));
+    sum = _mm512_reduce_add_ps(vs);
+#endif
+    for (; i < D; i++) sum += x[i];
+    const float mean = sum / (float)D;
+    i = 0; /* two passes (the row is in L1): no cancellation in the variance */
+#ifdef DIT_AVX512
+    __m512 vq = _mm512_setzero_ps();
+    for (; i + 16 <= D; i += 16) {
+      __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), v1(mean));
+      vq = _mm512_fmadd_ps(d, d, vq);
+    }
+    sq = _mm512_reduce_add_ps(vq);
+#endif
+    for (; i < D; i++) sq += (x[i] - mean) * (x[i] - mean);
+    const float rstd = 1.f / __builtin_sqrtf(sq / (float)D + A->eps);
+    A->s1[r] = mean; A->s2[r] = rstd;
+    i = 0;
+#ifdef DIT_AVX512
+    for (; i + 16 <= D; i += 16) {
+      __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), v1(mean)), v1(rstd));
+      __m512 m = _mm512_add_ps(_mm512_loadu_ps(scale + i), v1(1.f));
+      _mm512_storeu_ps(out + i, _mm512_fmadd_ps(xh, m, _mm512_loadu_ps(shift + i)));
+    }
+#endif
+    for (; i < D; i++) out[i] = (x[i] - mean) * rstd * (1.f + scale[i]) + shift[i];
+  }
+}
+
+/* Backward of norm_modulate for the output gradient g (b = scale, s1/s2 = mean/rstd from the forward):
+ *   xhat = (x - mean) rstd,  gh = g (1 + scale[n]),  out = rstd (gh - mean_D(gh) - xhat mean_D(gh xhat))
+ *   s3 = gscale[n, :] = sum_t g xhat,  c = gshift[n, :] = sum_t g   (fp32 accumulation). */
+static void norm_modulate_bwd_range(void *p, int64_t nb, int64_t ne) {
+  block_args *A = (block_args *)p;
+  const int64_t T = A->T, D = A->D;
+  for (int64_t n = nb; n < ne; n++) {
+    const float *scale = A->b + n * D;
+    float *gsc = A->s3 + n * D, *gsh = (float *)A->c + n * D;
+    memset(gsc, 0, sizeof(float) * D);
+    memset(gsh, 0, sizeof(float) * D);
+    for (int64_t t = 0; t < T; t++) {
+      const int64_t r = n * T + t;
+      const float *x = A->x + r * D, *g = A->g + r * D;
+      float *out = A->out + r * D;
+      const float mean = A->s1[r], rstd = A->s2[r];
+      float sg = 0.f, sgx = 0.f;
+      int64_t i = 0;
+#ifdef DIT_AVX512
+      __m512 vg = _mm512_setzero_ps(), vgx = _mm512_setzero_ps();
+      for (; i + 16 <= D; i += 16) {
+        __m512 gv = _mm512_loadu_ps(g + i);
+        __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), v1(mean)), v1(rstd));
+        __m512 gh = _mm512_mul_ps(gv, _mm512_add_ps(_mm512_loadu_ps(scale + i), v1(1.f)));
+        vg = _mm512_add_ps(vg, gh);
+        vgx = _mm512_fmadd_ps(gh, xh, vgx);
+        _mm512_storeu_ps(gsc + i, _mm512_fmadd_ps(gv, xh, _mm512_loadu_ps(gsc + i)));
+        _mm512_storeu_ps(gsh + i, _mm512_add_ps(gv, _mm512_loadu_ps(gsh + i)));
+      }
+      sg = _mm512_reduce_add_ps(vg); sgx = _mm512_reduce_add_ps(vgx);
+#endif
+      for (; i < D; i++) {
+        const float xh = (x[i] - mean) * rstd, gh = g[i] * (1.f + scale[i]);
+        sg += gh; sgx += gh * xh;
+        gsc[i] += g[i] * xh; gsh[i] += g[i];
+      }
+      const float mg = sg / (float)D, mgx = sgx / (float)D;
+      i = 0;
+#ifdef DIT_AVX512
+      for (; i + 16 <= D; i += 16) {
+        __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), v1(mean)), v1(rstd));
+        __m512 gh = _mm512_mul_ps(_mm512_loadu_ps(g + i), _mm512_add_ps(_mm512_loadu_ps(scale + i), v1(1.f)));
+        __m512 d = _mm512_sub_ps(_mm512_sub_ps(gh, v1(mg)), _mm512_mul_ps(xh, v1(mgx)));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(d, v1(rstd)));
+      }
+#endif
+      for (; i < D; i++) {
+        const float xh = (x[i] - mean) * rstd, gh = g[i] * (1.f + scale[i]);
+        out[i] = (gh - mg - xh * mgx) * rstd;
+      }
+    }
+  }
+}
+
+/* out = gelu_tanh(x + bias) over rows of D (a = bias). */
+static void gelu_bias_fwd_range(void *p, int64_t rb, int64_t re) {
+  block_args *A = (block_args *)p;
+  const int64_t D = A->D;
+  const float *bias = A->a;
+  for (int64_t r = rb; r < re; r++) {
+    const float *x = A->x + r * D;
+    float *out = A->out + r * D;
+    int64_t i = 0, e = D;
+    VEC_LOOP(__m512 u = _mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(bias + i)); __m512 s, ee, rr;
+             vgelu_parts(vclamp64(u), &s, &ee, &rr); _mm512_storeu_ps(out + i, _mm512_mul_ps(u, s)))
+    for (; i < e; i++) {
+      float u = x[i] + bias[i], s, ee, rr;
+      gelu_parts(clamp64(u), &s, &ee, &rr);
+      out[i] = u * s;
+    }
+  }
+}
+
+/* out = g * gelu_tanh'(x + bias) (a = bias) and s3[n, :] = sum_t out[n, t, :] (the bias gradient of sample n). */
+static void gelu_bias_bwd_range(void *p, int64_t nb, int64_t ne) {
+  block_args *A = (block_args *)p;
+  const int64_t T = A->T, D = A->D;
+  const float *bias = A->a;
+  for (int64_t n = nb; n < ne; n++) {
+    float *gb = A->s3 + n * D;
+    memset(gb, 0, sizeof(float) * D);
+    for (int64_t t = 0; t < T; t++) {
+      const float *x = A->x + (n * T + t) * D, *g = A->g + (n * T + t) * D;
+      float *out = A->out + (n * T + t) * D;
+      int64_t i = 0, e = D;
+      VEC_LOOP(__m512 gu = _mm512_mul_ps(_mm512_loadu_ps(g + i),
+                                         vgelu_grad(_mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(bias + i))));
+               _mm512_storeu_ps(out + i, gu); _mm512_storeu_ps(gb + i, _mm512_add_ps(gu, _mm512_loadu_ps(gb + i))))
+      for (; i < e; i++) {
+        const float gu = g[i] * gelu_grad_scalar(x[i] + bias[i]);
+        out[i] = gu;
+        gb[i] += gu;
+      }
+    }
+  }
+}
+
+/* out[n, t, :] = x[n, t, :] + gate[n, :] * (y[n, t, :] + bias)   (g = y, a = gate, b = bias). */
+static void gated_bias_fwd_range(void *p, int64_t rb, int64_t re) {
+  block_args *A = (block_args *)p;
+  const int64_t T = A->T, D = A->D;
+  const float *bias = A->b;
+  for (int64_t r = rb; r < re; r++) {
+    const float *x = A->x + r * D, *y = A->g + r * D, *gate = A->a + (r / T) * D;
+    float *out = A->out + r * D;
+    int64_t i = 0, e = D;
+    VEC_LOOP(__m512 yb = _mm512_add_ps(_mm512_loadu_ps(y + i), _mm512_loadu_ps(bias + i));
+             _mm512_storeu_ps(out + i, _mm512_fmadd_ps(_mm512_loadu_ps(gate + i), yb, _mm512_loadu_ps(x + i))))
+    for (; i < e; i++) out[i] = x[i] + gate[i] * (y[i] + bias[i]);
+  }
+}
+
+/* out[n, t, j*D:(j+1)*D] = G_j[n, t, :] for j = 0, 1, 2 (the gradients of q, k, v; strides in dit_qkv_grad_f32)
+ * and gb[n, :] = sum_t out[n, t, :] (the per-sample QKV bias gradient). */
+typedef struct { const float *G[3]; int64_t sn[3], st[3]; float *out, *gb; int64_t T, D; } qkv_grad_args;
+static void qkv_grad_range(void *p, int64_t nb, int64_t ne) {
+  qkv_grad_args *A = (qkv_grad_args *)p;
+  const int64_t T = A->T, D = A->D;
+  for (int64_t n = nb; n < ne; n++) {
+    float *gb = A->gb + n * 3 * D;
+    memset(gb, 0, sizeof(float) * 3 * D);
+    for (int64_t t = 0; t < T; t++)
+      for (int j = 0; j < 3; j++) {
+        const float *src = A->G[j] + n * A->sn[j] + t * A->st[j];
+        float *dst = A->out + (n * T + t) * 3 * D + j * D, *acc = gb + j * D;
+        int64_t i = 0, e = D;
+        VEC_LOOP(__m512 v = _mm512_loadu_ps(src + i); _mm512_storeu_ps(dst + i, v);
+                 _mm512_storeu_ps(acc + i, _mm512_add_ps(v, _mm512_loadu_ps(acc + i))))
+        for (; i < e; i++) { dst[i] = src[i]; acc[i] += src[i]; }
+      }
+  }
+}
+
+/* out = norm_modulate(x; shift, scale), mean/rstd [N*T] saved; x, out [N, T, D], shift/scale [N, D]. */
+void dit_norm_modulate_fwd_f32(const float *x, const float *shift, const float *scale, float eps, float *out,
+                               float *mean, float *rstd, int64_t N, int64_t T, int64_t D, int nthreads) {
+  block_args a = {x, NULL, shift, scale, NULL, eps, out, mean, rstd, NULL, T, D};
+  parallel_for(norm_modulate_fwd_range, &a, N * T, 16, nthreads);
+}
+/* gx, gscale [N, D], gshift [N, D] from the output gradient g (see norm_modulate_bwd_range). */
+void dit_norm_modulate_bwd_f32(const float *g, const float *x, const float *mean, const float *rstd,
+                               const float *scale, float *gx, float *gscale, float *gshift, int64_t N, int64_t T,
+                               int64_t D, int nthreads) {
+  block_args a = {x, g, NULL, scale, gshift, 0.f, gx, (float *)mean, (float *)rstd, gscale, T, D};
+  parallel_for(norm_modulate_bwd_range, &a, N, 1, nthreads);
+}
+/* out = gelu_tanh(x + bias), x [rows, D]. */
+void dit_gelu_bias_fwd_f32(const float *x, const float *bias, float *out, int64_t rows, int64_t D, int nthreads) {
+  block_args a = {x, NULL, bias, NULL, NULL, 0.f, out, NULL, NULL, NULL, 1, D};
+  parallel_for(gelu_bias_fwd_range, &a, rows, 16, nthreads);
+}
+/* gx = g * gelu_tanh'(x + bias) over [N, T, D]; gbias [N, D] = per-sample sums over t of gx. */
+void dit_gelu_bias_bwd_f32(const float *g, const float *x, const float *bias, float *gx, float *gbias, int64_t N,
+                           int64_t T, int64_t D, int nthreads) {
+  block_args a = {x, g, bias, NULL, NULL, 0.f, gx, NULL, NULL, gbias, T, D};
+  parallel_for(gelu_bias_bwd_range, &a, N, 1, nthreads);
+}
+/* out = x + gate[n] * (y + bias) over [N, T, D]. */
+void dit_gated_bias_fwd_f32(const float *x, const float *gate, const float *y, const float *bias, float *out,
+                            int64_t N, int64_t T, int64_t D, int nthreads) {
+  block_args a = {x, y, gate, bias, NULL, 0.f, out, NULL, NULL, NULL, T, D};
+  parallel_for(gated_bias_fwd_range, &a, N * T, 16, nthreads);
+}
+/* out [N, T, 3, D] from the gradients of q, k, v: G_j[n, t, :] at G_j + n * sn_j + t * st_j (element strides,
+ * D contiguous values, e.g. [N, H, T, d] gradients laid out as [N, T, H, d]); gbias [N, 3, D] = per-sample sums. */
+void dit_qkv_grad_f32(const float *gq, const float *gk, const float *gv, const int64_t *sn, const int64_t *st,
+                      float *out, float *gbias, int64_t N, int64_t T, int64_t D, int nthreads) {
+  qkv_grad_args a = {{gq, gk, gv}, {sn[0], sn[1], sn[2]}, {st[0], st[1], st[2]}, out, gbias, T, D};
+  parallel_for(qkv_grad_range, &a, N, 1, nthreads);
+}
+
 /* Which code path this build took (for logs and tests). */
 int dit_native_simd(void) {
 #ifdef DIT_AVX512
