@@ -47,9 +47,28 @@ def applies(x: torch.Tensor, *layers: nn.Module) -> bool:
     return _FLASH is not None and _FLASH_BWD is not None and native.available()
 
 
+def _check(name: str, t: torch.Tensor, shape: Optional[tuple[int, ...]] = None) -> None:
+    """The C kernels index raw memory: every operand must be fp32 on the CPU with exactly the expected shape
+    (`shape`, or any [N, T, C] when None)."""
+    fits = t.dim() == 3 if shape is None else tuple(t.shape) == tuple(shape)
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not fits:
+        want = "[N, T, C]" if shape is None else str(list(shape))
+        raise ValueError(f"fused_block: {name} must be a float32 CPU tensor of shape {want}, "
+                         f"got {t.dtype} {t.device.type} {list(t.shape)}")
+
+
+def _check_linear(layer: nn.Linear, in_features: int) -> None:
+    if layer.bias is None:
+        raise ValueError("fused_block: the linear layer needs a bias")
+    _check("weight", layer.weight, (layer.weight.shape[0], in_features))
+    _check("bias", layer.bias, (layer.weight.shape[0],))
+
+
 def _lib() -> ctypes.CDLL:
     lib = native._library()
-    assert lib is not None  # applies() checked
+    if lib is None:
+        raise RuntimeError(f"fused_block: the fused CPU kernels are unavailable ({native.unavailable_reason()}); "
+                           f"check fused_block.applies() first")
     return lib
 
 
@@ -99,7 +118,10 @@ class _NormModulate(torch.autograd.Function):
 
 def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """`modulate(layer_norm(x, eps, no affine), shift, scale)` for x [N, T, D], shift and scale [N, D]."""
-    return _NormModulate.apply(x, shift, scale, eps)
+    _check("x", x)
+    for name, v in (("shift", shift), ("scale", scale)):
+        _check(name, v, (x.shape[0], x.shape[2]))
+    return _NormModulate.apply(x, shift, scale, float(eps))
 
 
 # --------------------------------------------------------------------------------------------- MLP
@@ -132,6 +154,8 @@ class _LinearGelu(torch.autograd.Function):
 
 def linear_gelu(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """`gelu_tanh(layer(x))` for x [N, T, in] (a Linear with a bias)."""
+    _check("x", x)
+    _check_linear(layer, x.shape[2])
     return _LinearGelu.apply(x, layer.weight, layer.bias)
 
 
@@ -167,6 +191,11 @@ class _LinearGatedResidual(torch.autograd.Function):
 
 def linear_gated_residual(res: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """`res + gate[:, None] * layer(h)` for res [N, T, D], gate [N, D], h [N, T, in] (adaLN-Zero's residual)."""
+    _check("h", h)
+    _check_linear(layer, h.shape[2])
+    n, t, d = h.shape[0], h.shape[1], layer.weight.shape[0]
+    _check("res", res, (n, t, d))
+    _check("gate", gate, (n, d))
     return _LinearGatedResidual.apply(res, gate, h, layer.weight, layer.bias)
 
 
@@ -213,4 +242,8 @@ class _QKVAttention(torch.autograd.Function):
 def qkv_attention(x: torch.Tensor, qkv: nn.Linear, heads: int) -> torch.Tensor:
     """Multi-head self-attention of x [N, T, D] through the fused projection `qkv` (D -> 3D), before the output
     projection: [N, T, D] with the heads concatenated, as `dit.layers.Attention` computes it without QK-norm."""
+    _check("x", x)
+    _check_linear(qkv, x.shape[2])
+    if qkv.weight.shape[0] % 3 or (qkv.weight.shape[0] // 3) % heads:
+        raise ValueError(f"fused_block: QKV output size {qkv.weight.shape[0]} is not 3 x a multiple of {heads} heads")
     return _QKVAttention.apply(x, qkv.weight, qkv.bias, heads)

@@ -111,6 +111,24 @@ def test_norm_modulate_large_mean_and_constant_rows():
     assert torch.isfinite(gx).all()
 
 
+@needs_kernels
+def test_bad_operands_are_rejected_before_the_kernels():
+    """The kernels index raw memory: a wrong shape or dtype is a ValueError naming the operand, not a crash."""
+    x, lin = torch.randn(2, 5, 8, requires_grad=True), nn.Linear(8, 24)
+    with pytest.raises(ValueError, match="shift must be a float32 CPU tensor of shape \\[2, 8\\]"):
+        fused_block.norm_modulate(x, torch.randn(2, 1, 8), torch.randn(2, 8), 1e-6)
+    with pytest.raises(ValueError, match="x must be"):
+        fused_block.linear_gelu(x.detach().bfloat16(), lin)
+    with pytest.raises(ValueError, match="weight must be"):
+        fused_block.linear_gelu(torch.randn(2, 5, 9), lin)
+    with pytest.raises(ValueError, match="gate must be"):
+        fused_block.linear_gated_residual(torch.randn(2, 5, 24), torch.randn(3, 24), x, lin)
+    with pytest.raises(ValueError, match="needs a bias"):
+        fused_block.qkv_attention(x, nn.Linear(8, 24, bias=False), 2)
+    with pytest.raises(ValueError, match="not 3 x a multiple of 5 heads"):
+        fused_block.qkv_attention(x, lin, 5)
+
+
 # --------------------------------------------------------------------------------------------- determinism
 @needs_kernels
 def test_kernels_do_not_depend_on_the_thread_count():
