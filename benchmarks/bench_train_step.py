@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="cpu: process CPU time (use with --threads 1): the work itself, robust to other jobs on a "
                          "shared machine, which wall-clock ratios are not")
     ap.add_argument("--reps", type=int, default=10, help="timed steps per model and precision")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=4,
+                    help="untimed steps per model first: the heap keeps growing (page faults) for ~5 steps in one "
+                         "process")
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
     ap.add_argument("--no-ckpt", action="store_true", help="skip the gradient checkpointing measurement")
