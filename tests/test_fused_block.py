@@ -13,10 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit import fused_block, native
-from tests.conftest import ROOT, entry_env
+from tests.conftest import ROOT, entry_env, native_kernels_marker
 
-needs_kernels = pytest.mark.skipif(not native.available(),
-                                   reason=f"fused CPU kernels unavailable: {native.unavailable_reason()}")
+needs_kernels = native_kernels_marker()
 
 
 # --------------------------------------------------------------------------------------------- float64 references
@@ -186,6 +185,18 @@ def test_applies_only_to_fp32_cpu_training():
     block.requires_grad_(True)
     block.attn.qkv.weight.ds_id = 3  # a ZeRO-3-partitioned parameter
     assert not fused_block.applies(x, *layers)
+
+
+def test_without_kernels_the_block_runs_the_plain_modules(monkeypatch):
+    """No compiler / DIT_NATIVE_KERNELS=0: `applies` is False and the block's graph is the plain torch one."""
+    monkeypatch.setattr(native, "available", lambda: False)
+    block = _block()
+    x, c = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 32)
+    assert not fused_block.applies(x, block.attn, block.mlp)
+    names = _graph_names(block(x, c))
+    assert not {"_NormModulateBackward", "_QKVAttentionBackward", "_LinearGeluBackward",
+                "_LinearGatedResidualBackward"} & names
+    assert "NativeLayerNormBackward0" in names
 
 
 def _graph_names(out: torch.Tensor) -> set[str]:

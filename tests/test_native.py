@@ -1,7 +1,6 @@
 """The fused CPU kernels (dit/native.py): values and gradients against float64 references and the torch fallback."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -11,16 +10,10 @@ import torch.nn.functional as F
 
 from dit import native
 from dit.bf16_linear import onednn_bf16
-from tests.conftest import ROOT, entry_env
+from tests.conftest import ROOT, entry_env, native_kernels_marker
 
 
-if not native.available() and os.environ.get("DIT_REQUIRE_NATIVE_KERNELS") == "1":
-    # CI sets this: a kernel build that broke must fail the run, not skip a third of these tests.
-    raise RuntimeError(f"DIT_REQUIRE_NATIVE_KERNELS=1 but the fused CPU kernels are off: "
-                       f"{native.unavailable_reason()}")
-needs_kernels = pytest.mark.skipif(not native.available(),
-                                   reason=f"fused CPU kernels unavailable: {native.unavailable_reason()} "
-                                          f"(the plain-torch fallback is what runs here; see the fallback tests)")
+needs_kernels = native_kernels_marker()
 DTYPES = [torch.bfloat16, torch.float32]
 
 
