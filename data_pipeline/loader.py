@@ -375,6 +375,8 @@ class ShardStream:
                 x, y, bad = self.maker.batch(self._consumed)
                 self._consumed += 1
                 self.corrupt_count += bad
+                if self.pin_memory:  # what the DataLoader's pinning thread does with workers
+                    x, y = x.pin_memory(), y.pin_memory()
                 yield x, y
         self.maker.prepare(self.epoch)
         loader = DataLoader(_BatchDataset(self.maker, self._consumed), batch_size=None,

@@ -6,7 +6,7 @@ A respaced diffusion keeps a ``timestep_map`` so the model is always called with
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Sequence, Set, Union
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -160,20 +160,34 @@ class GaussianDiffusion:
         # better decoder likelihood (ADM).
         self.fixed_log_variance = (self.posterior_log_variance_clipped if sigma_small
                                    else np.log(np.append(pv1, betas[1:])))
+        self._device_tables: Dict[Tuple[str, str], torch.Tensor] = {}
 
     # -- indexing ------------------------------------------------------------------------------------------------
-    def _extract(self, arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """arr[t] as a tensor broadcastable against ``like``, in ``like``'s working dtype."""
-        dtype = _work_dtype(like)
-        if like.device.type == "mps":  # no float64 there
-            out = torch.as_tensor(arr, dtype=torch.float32)[t.cpu()].to(like.device)
-        else:
-            out = torch.as_tensor(arr, device=t.device)[t].to(device=like.device, dtype=dtype)
+    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+        """The schedule array `name` as a tensor on `device`, made once per device and kept.
+
+        Indexing a fresh `torch.as_tensor(numpy_array, device=cuda)` would copy the array from host memory at
+        every call: a blocking host-to-device copy per schedule lookup (about 15 per training step and 10 per
+        sampling step), which stops the host from queueing work ahead of the GPU."""
+        key = (name, str(device))
+        table = self._device_tables.get(key)
+        if table is None:
+            arr = getattr(self, name)
+            if device.type == "mps":  # no float64 there
+                table = torch.as_tensor(arr, dtype=torch.float32 if arr.dtype.kind == "f" else None).to(device)
+            else:
+                table = torch.as_tensor(arr).to(device)
+            self._device_tables[key] = table
+        return table
+
+    def _extract(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The schedule array `name` at steps t, broadcastable against ``like``, in ``like``'s working dtype."""
+        out = self._table(name, t.device)[t].to(device=like.device, dtype=_work_dtype(like))
         return out.reshape(-1, *([1] * (like.ndim - 1)))
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Original-process timestep indices the model is conditioned on, for indices ``t`` of this process."""
-        return torch.as_tensor(self.timestep_map, device=t.device)[t]
+        return self._table("timestep_map", t.device)[t]
 
     def sample_timesteps(self, batch_size: int, device: Union[str, torch.device] = "cpu",
                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -187,46 +201,40 @@ class GaussianDiffusion:
                        learn_sigma=self.learn_sigma, loss=self.loss_type, sigma_small=self.sigma_small)
 
     # -- forward process and posterior ---------------------------------------------------------------------------
-    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
-        """Mean, variance and log variance of q(x_t | x_0)."""
-        mean = self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        var = self._extract(1.0 - self.alphas_cumprod, t, x0)
-        return mean, var, self._extract(np.log(1.0 - self.alphas_cumprod), t, x0)
-
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), with the given noise if any."""
         if noise is None:
             noise = torch.randn_like(x0)
-        return (self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
-                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+        return (self._extract("sqrt_alphas_cumprod", t, x0) * x0
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
 
     def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
         e = self._extract
-        mean = e(self.posterior_mean_coef1, t, x_t) * x0 + e(self.posterior_mean_coef2, t, x_t) * x_t
-        return (mean, self._extract(self.posterior_variance, t, x_t),
-                self._extract(self.posterior_log_variance_clipped, t, x_t))
+        mean = e("posterior_mean_coef1", t, x_t) * x0 + e("posterior_mean_coef2", t, x_t) * x_t
+        return (mean, self._extract("posterior_variance", t, x_t),
+                self._extract("posterior_log_variance_clipped", t, x_t))
 
     # -- conversions between parameterisations -------------------------------------------------------------------
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
         e = self._extract
-        return e(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - e(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        return e("sqrt_recip_alphas_cumprod", t, x_t) * x_t - e("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
     def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar)."""
         e = self._extract
-        return (e(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / e(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        return (e("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / e("sqrt_recipm1_alphas_cumprod", t, x_t)
 
     def x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x_0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
         e = self._extract
-        return e(self.sqrt_alphas_cumprod, t, x_t) * x_t - e(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+        return e("sqrt_alphas_cumprod", t, x_t) * x_t - e("sqrt_one_minus_alphas_cumprod", t, x_t) * v
 
     def v_target(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho)."""
         e = self._extract
-        return e(self.sqrt_alphas_cumprod, t, x0) * eps - e(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        return e("sqrt_alphas_cumprod", t, x0) * eps - e("sqrt_one_minus_alphas_cumprod", t, x0) * x0
 
     def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The regression target of this process's prediction type."""
@@ -267,12 +275,12 @@ class GaussianDiffusion:
         pred, var_values = self.split_output(out, x_t.shape[1])
         pred = pred.to(_work_dtype(x_t))
         if var_values is not None:
-            min_log = self._extract(self.posterior_log_variance_clipped, t, x_t)
-            max_log = self._extract(self.log_betas, t, x_t)
+            min_log = self._extract("posterior_log_variance_clipped", t, x_t)
+            max_log = self._extract("log_betas", t, x_t)
             frac = (var_values.to(min_log.dtype) + 1.0) / 2.0  # model outputs [-1, 1]
             log_var = frac * max_log + (1.0 - frac) * min_log
         else:
-            log_var = self._extract(self.fixed_log_variance, t, x_t).expand_as(x_t)
+            log_var = self._extract("fixed_log_variance", t, x_t).expand_as(x_t)
         x0 = self.x0_from_prediction(x_t, t, pred)
         if clip_denoised:
             x0 = x0.clamp(-1.0, 1.0)

@@ -103,9 +103,17 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": zero,
-        # bf16 runs as autocast over fp32 master weights: the EMA and the optimizer see full precision
+        # bf16 runs as autocast over fp32 master weights: the EMA and the optimizer see full precision.
+        # DeepSpeed's own `torch_autocast` opens the autocast inside the engine's forward. An autocast around
+        # `engine(...)` instead is switched *off* by DeepSpeed on GPUs (its `autocast_if_enabled` sees it through
+        # the no-argument `torch.is_autocast_enabled()`, which reads CUDA's state, and, with this section absent,
+        # disables autocast inside the engine), so bf16 runs would silently train in fp32 there.
+        # `lower_precision_safe_modules: []` keeps every gradient reduction and parameter gather in fp32 (by
+        # default DeepSpeed would reduce the Linear/Conv gradients in bf16).
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
+        "torch_autocast": {"enabled": cfg.train.precision == "bf16", "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": base.get("steps_per_print", 10**9),
     })

@@ -91,6 +91,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay (DiT: none)
     grad_clip: float = 0.0  # 0 disables clipping (the official DiT recipe does not clip)
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16: autocast over fp32 master weights; fp32: exact (resume tests)
+    tf32: bool = True  # on GPUs (Ampere+): fp32 matmuls/convolutions in TF32 (fp32 runs, grids, eval); false: exact fp32
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ema_decay: float = 0.9999  # EMA of the weights; samples, eval and exports use it
     ema_every: int = 1  # DiT trainer: fold the weights into the EMA every k steps with ema_decay**k (1: the recipe)

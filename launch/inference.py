@@ -124,7 +124,7 @@ class Generator:
         side = int(model.input_size)
         self.sample_shape = (int(model.in_channels), side, side)
         self.vae = None
-        self._lowp: Dict[torch.dtype, torch.nn.Module] = {}
+        self._lowp: Dict[torch.dtype, Tuple[Tuple[int, ...], torch.nn.Module]] = {}
         if latent is not None:
             if vae is None:
                 from launch.vae_io import load_vae
@@ -176,16 +176,21 @@ class Generator:
         oneDNN's fused linear(+GELU) kernels (`dit.layers.linear`; same function, bf16 rounding differs)."""
         if dtype is None or dtype == torch.float32:
             return self.model
+        # The copy is remade whenever `self.model`'s weights changed since it was made (the trainer loads new EMA
+        # weights into the same module for every grid): every in-place write to a tensor (load_state_dict,
+        # copy_) bumps its version counter, so the versions identify the weights the copy was made from.
+        versions = tuple(t._version for t in self.model.state_dict(keep_vars=True).values())
         cached = self._lowp.get(dtype)
-        if cached is None:
+        if cached is None or cached[0] != versions:
             import copy
 
-            cached = copy.deepcopy(self.model).eval().requires_grad_(False)
-            for mod in cached.modules():
+            model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            for mod in model.modules():
                 if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
                     mod.to(dtype)
+            cached = (versions, model)
             self._lowp = {dtype: cached}  # one low-precision copy at a time
-        return cached
+        return cached[1]
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:

@@ -21,34 +21,50 @@ if __package__ in (None, ""):  # `python launch/train.py` from a checkout withou
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+import torch.distributed as dist
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported: silences its accelerator probe
 
 from launch import checkpoint as ckpt_io
+from launch import optimizer_state
 from launch.builders import deepspeed_config, diffusion_kwargs, latent_record, model_kwargs
 from launch.config import Config, ConfigError
+from launch.deferred import DeferredReadback
 from launch.distributed import DistInfo
 from launch.engine_ema import EngineEMA
+from launch.tf32 import configure_tf32
 from launch.run_utils import fault_step
-from launch.trainer_base import TrainerBase, exit_now, run_main
+from launch.trainer_base import TrainerBase, TrainingStopped, exit_now, run_main
 
 log = logging.getLogger("launch.train")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _peak_flops(device: torch.device, precision: str) -> Optional[float]:
-    """Peak dense FLOP/s of one device, for the MFU estimate (env DIT_PEAK_TFLOPS overrides; None if unknown)."""
+# Dense peak FLOP/s per GPU (no sparsity): (bf16 tensor cores, TF32 tensor cores, fp32), from NVIDIA's datasheets.
+# More specific names first: the first key found in the device name wins.
+_PEAK_FLOPS = {
+    "H100 PCIe": (756e12, 378e12, 51.2e12), "H800 PCIe": (756e12, 378e12, 51.2e12),
+    "H200 NVL": (835e12, 418e12, 60e12), "H100 NVL": (835e12, 418e12, 60e12),
+    "H100": (989e12, 495e12, 67e12), "H200": (989e12, 495e12, 67e12), "H800": (989e12, 495e12, 67e12),
+    "GH200": (989e12, 495e12, 67e12), "B200": (2250e12, 1100e12, 80e12), "B100": (1750e12, 875e12, 60e12),
+    "A100": (312e12, 156e12, 19.5e12), "A800": (312e12, 156e12, 19.5e12), "L40S": (362e12, 183e12, 91.6e12),
+    "A10": (125e12, 62.5e12, 31.2e12), "4090": (165e12, 82.6e12, 82.6e12), "V100": (125e12, 15.7e12, 15.7e12),
+}
+
+
+def _peak_flops(device: torch.device, precision: str, tf32: bool) -> Optional[float]:
+    """Peak dense FLOP/s of one device for this precision, for the MFU estimate (None if unknown).
+
+    The environment variable DIT_PEAK_TFLOPS (TFLOP/s per device) overrides the table, e.g. for GPUs it lacks."""
     if os.environ.get("DIT_PEAK_TFLOPS"):
         return float(os.environ["DIT_PEAK_TFLOPS"]) * 1e12
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    table = {"H100": (989e12, 67e12), "A100": (312e12, 19.5e12), "V100": (125e12, 15.7e12),
-             "L40S": (362e12, 91.6e12), "A10": (125e12, 31.2e12), "4090": (165e12, 82.6e12)}
-    for key, (bf16, fp32) in table.items():
+    for key, (bf16, tf32_peak, fp32) in _PEAK_FLOPS.items():
         if key in name:
-            return bf16 if precision == "bf16" else fp32
+            return bf16 if precision == "bf16" else (tf32_peak if tf32 else fp32)
     return None
 
 
@@ -61,12 +77,6 @@ def _sample_labels(num_classes: int, cfg: Config) -> list[int]:
         return [0] * (cfg.train.sample_per_class * 4)
     classes = list(range(min(num_classes, cfg.train.sample_max_classes)))
     return [c for c in classes for _ in range(cfg.train.sample_per_class)]
-
-
-@contextlib.contextmanager
-def _autocast(device: torch.device, precision: str):
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        yield
 
 
 def _params_finite(module: torch.nn.Module) -> bool:
@@ -88,27 +98,33 @@ def _grad_sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads)).float().pow(2.0).sum()
 
 
-def clip_and_check_grads(grads: list[torch.Tensor], max_norm: float) -> tuple[float, bool]:
-    """One pass over full gradients: their global L2 norm, whether they are all finite, and clipping.
+def clip_and_check_grads(grads: list[torch.Tensor], max_norm: float,
+                         host_reads: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over full gradients: their global L2 norm and whether they are all finite (0-dim tensors on the
+    gradients' device), clipping them in place when `max_norm > 0`.
 
     This replaces two passes at ZeRO stage 0 (a non-finite check, then DeepSpeed's `clip_grad_norm_`). The norm
     is the root of the summed squares, as DeepSpeed computes it (up to fp32 summation order); it is non-finite
     exactly when a gradient is (or when the sum of squares overflows fp32, which no trainable step survives
-    either). When `max_norm > 0` and the norm is finite, the gradients are scaled in place by
-    min(1, max_norm / (norm + 1e-6)) — DeepSpeed's coefficient, applied only when it is below 1 (a factor of 1
-    changes nothing). Non-finite gradients are left as they are. Returns (norm, finite).
+    either). When `max_norm > 0` and the norm is finite, the gradients are scaled by min(1, max_norm / (norm +
+    1e-6)), DeepSpeed's coefficient; non-finite gradients are left as they are (the step is skipped).
+    `host_reads` (default: on the CPU) lets the host read the coefficient to skip the pass when nothing is
+    clipped; otherwise (GPUs) nothing waits for the device: the coefficient is applied there (a factor of 1
+    changes nothing).
     """
     if not grads:
-        return 0.0, True
+        return torch.zeros(()), torch.ones((), dtype=torch.bool)
     total = _grad_sum_of_squares(grads).sqrt()
-    norm = float(total)  # the step's one host sync
-    finite = math.isfinite(norm)
-    if finite and max_norm > 0:
-        coef = torch.clamp(torch.tensor(float(max_norm), dtype=total.dtype, device=total.device) / (total + 1e-6),
-                           max=1.0)
-        if float(coef) < 1.0:
-            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-    return norm, finite
+    finite = torch.isfinite(total)
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        if total.device.type == "cpu" if host_reads is None else host_reads:
+            # the host holds the value already: skip the pass over the gradients when nothing is clipped
+            if bool(finite) and float(coef) < 1.0:
+                torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        else:
+            torch._foreach_mul_(grads, torch.where(finite, coef, torch.ones_like(coef)).to(grads[0].dtype))
+    return total, finite
 
 
 def _engine_config(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -135,8 +151,11 @@ def _engine_config(cfg: Config, world_size: int) -> dict[str, Any]:
 class Trainer(TrainerBase):
     """One DiT training run: the DeepSpeed engine, its EMA, sample grids and the consolidated export."""
 
-    CHECKPOINT_FORMAT = "ditstack-train-1"
+    CHECKPOINT_FORMAT = "ditstack-train-2"  # 2: optim/ (any number of ranks) instead of DeepSpeed's ds/
     NAME = "train"
+    FORMAT_HINTS = {"ditstack-train-1": ": written by an earlier ditstack (DeepSpeed pickles, same number of ranks "
+                                        "only); resume it with that version, or start a new run from its "
+                                        "ema.safetensors"}
 
     def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, resume: Optional[str]) -> None:
         import deepspeed
@@ -152,8 +171,11 @@ class Trainer(TrainerBase):
         self.num_classes = self.model_kwargs["num_classes"]
         model = DiT(**self.model_kwargs)
         self.diffusion = create_diffusion(**self.diffusion_kwargs)
+        # fused: one kernel for all parameters on GPUs (and CPUs), and it can skip a step on the device
+        # (`found_inf`, see `_check_and_clip`)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                      eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+                                      eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay, fused=True)
+        self.optimizer = optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.train.warmup_steps))
         self.ds_config = _engine_config(cfg, info.world_size)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -170,7 +192,8 @@ class Trainer(TrainerBase):
                      "same", cfg.train.deepspeed.zero_stage)
         self.ema = EngineEMA(self.engine.module, cfg.train.ema_decay, cfg.train.ema_every)
         self.flops_per_sample = 3.0 * model.model_flops_per_sample()
-        self.peak_flops = _peak_flops(info.device, cfg.train.precision)
+        self.tf32 = configure_tf32(info.device, cfg.train.tf32)
+        self.peak_flops = _peak_flops(info.device, cfg.train.precision, self.tf32)
         self._generator = None  # EMA model + VAE for grids and evaluation, built on first use
         self._nan_from, self._nan_weight_at = fault_step("nan_loss_from"), fault_step("nan_weight_at")  # tests
         self._inf_grad_at = fault_step("inf_grad_at")
@@ -182,11 +205,25 @@ class Trainer(TrainerBase):
                                   f"(make them with python eval/reference.py --shards DIR --out ref.npz)")
             resolve_weights(cfg.eval.inception_weights)
         self.finish_setup()
+        # the step's bookkeeping lives on the device (see `train_step`, `step_end`)
+        dev = info.device
+        self.bad_run = torch.tensor(self.bad_in_a_row, dtype=torch.long, device=dev)
+        self.nonfinite_count = torch.tensor(self.nonfinite_total, dtype=torch.long, device=dev)
+        self._applied = torch.ones((), dtype=torch.bool, device=dev)
+        self._signal_flag = torch.zeros((), dtype=torch.float64, device=dev)
+        self._flags = DeferredReadback()
+        # The CPU may read step values on the host where that saves work (they are computed already); on a GPU
+        # the step never reads one (tests/support/host_reads.py checks it with this set as on a GPU).
+        self.host_reads = dev.type == "cpu"
 
     # -------------------------------------------------------------------------------------- checkpointing
+    def run_record(self) -> dict[str, Any]:
+        return {"tf32": self.tf32, "device": str(self.info.device),
+                "device_name": torch.cuda.get_device_name(self.info.device) if self.info.device.type == "cuda" else "cpu"}
+
     def model_meta(self) -> dict[str, Any]:
-        return {"model": self.model_kwargs, "diffusion": self.diffusion_kwargs, "latent": self.latent,
-                "deepspeed": {"zero_stage": self.cfg.train.deepspeed.zero_stage}}
+        # the ZeRO stage is not part of it: the optimizer state loads at any stage (launch/optimizer_state.py)
+        return {"model": self.model_kwargs, "diffusion": self.diffusion_kwargs, "latent": self.latent}
 
     def _header(self) -> dict[str, Any]:
         """The `ditstack` metadata of a consolidated EMA file (see docs/ARCHITECTURE.md)."""
@@ -198,13 +235,17 @@ class Trainer(TrainerBase):
 
     def checkpoint_meta(self) -> dict[str, Any]:
         # with train.ema_every > 1 the steps not yet folded into the EMA are training state (exact resume)
-        return {**super().checkpoint_meta(), "ema_pending": self.ema.pending}
+        return {**super().checkpoint_meta(), "ema_pending": self.ema.pending,
+                "optimizer": optimizer_state.describe(self.engine)}
 
     def save_state(self, tmp: Path) -> None:
-        self.engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+        # the optimizer state in a form any number of ranks can load (launch/optimizer_state.py), not DeepSpeed's
+        # pickles, which load only on the number of ranks that wrote them
+        optimizer_state.save(self.engine, tmp, self.info.rank)
         if fault_step("kill_in_save") == self.step and self.info.is_main:
             os.kill(os.getpid(), 9)  # fault injection for the tests: die half-way through a checkpoint write
-        self._ema_state = self.ema.full_state_dict(up_to_date=False)  # collective under ZeRO-3
+        # rank 0 alone holds the full EMA in host memory, only until `write_files` has written it
+        self._ema_state = self.ema.state_dict_on_main(up_to_date=False)  # collective under ZeRO-3
 
     def write_files(self, tmp: Path) -> None:
         _save_safetensors(self._ema_state, tmp / ckpt_io.EMA_FILE, self._header())
@@ -213,39 +254,44 @@ class Trainer(TrainerBase):
     def load_state(self, path: Path, meta: dict) -> None:
         from safetensors.torch import load_file
 
-        load_path, _ = self.engine.load_checkpoint(str(path), tag="ds", load_module_strict=True)
-        if load_path is None:
-            raise ckpt_io.CheckpointError(f"{path}: DeepSpeed engine state could not be loaded (ds/ missing?)")
+        if "optimizer" not in meta:
+            raise ckpt_io.CheckpointError(f"{path}: meta.json has no optimizer record")
+        try:
+            optimizer_state.load(self.engine, path, meta["optimizer"])
+        except optimizer_state.StateError as err:
+            raise ckpt_io.CheckpointError(str(err)) from None
         self.ema.load_full_state_dict(load_file(str(path / ckpt_io.EMA_FILE)), pending=meta.get("ema_pending", 0))
 
     def export_ema(self, out: Path) -> None:
         """Write the EMA weights as one consolidated safetensors file (collective)."""
-        state = self.ema.full_state_dict()
-        if self.info.is_main:
+        state = self.ema.state_dict_on_main()
+        if state is not None:
             _save_safetensors(state, out, self._header())
 
     # ------------------------------------------------------------------------------------------- sampling
-    def _ema_generator(self, state: dict[str, torch.Tensor]) -> Any:
-        """A `launch.inference.Generator` holding the EMA weights `state` (built once, then reloaded)."""
-        if self._generator is None:
+    def _ema_generator(self, everywhere: bool) -> Any:
+        """A `launch.inference.Generator` (built on first use, kept on the device) holding the current EMA weights,
+        copied device to device (collective under ZeRO-3). `everywhere=False`: rank 0's only (others: None)."""
+        needed = everywhere or self.info.is_main
+        if needed and self._generator is None:
             from dit.models import DiT
             from launch.inference import Generator
 
-            model = DiT(**self.model_kwargs).to(self.info.device).eval()
+            model = DiT(**self.model_kwargs).to(self.info.device).eval().requires_grad_(False)
             self._generator = Generator(model, self.diffusion_kwargs, self.data_info, self.latent, self.info.device)
-        self._generator.model.load_state_dict(state)
-        return self._generator
+        self.ema.copy_to(self._generator.model if needed else None, everywhere=everywhere)
+        return self._generator if needed else None
 
     def sample_grid(self) -> Optional[Path]:
         """Save a grid of EMA samples with fixed noise and labels (collective for the EMA gather)."""
         from launch.visuals import save_image_grid
 
-        state = self.ema.full_state_dict()
-        if not self.info.is_main:
+        generator = self._ema_generator(everywhere=False)
+        if generator is None:
             return None
         s = self.cfg.sample
         labels = _sample_labels(self.num_classes, self.cfg)
-        images = self._ema_generator(state).generate(
+        images = generator.generate(
             labels=labels, seeds=list(range(len(labels))), sampler=s.sampler, steps=s.steps, eta=s.eta,
             cfg_scale=s.cfg_scale if self.num_classes else 1.0, guide_channels=s.guide_channels,
             guidance_interval=s.guidance_interval, batch_size=64,
@@ -260,7 +306,7 @@ class Trainer(TrainerBase):
         from eval.fid import evaluate_checkpoint
 
         e = self.cfg.eval
-        gen = self._ema_generator(self.ema.full_state_dict())
+        gen = self._ema_generator(everywhere=True)
         record = evaluate_checkpoint(
             gen, meta=self._header(), num_samples=self.cfg.train.eval_num_samples,
             out=self.run_dir / "eval" / f"step_{self.step:07d}", device=self.info.device, batch_size=e.batch_size,
@@ -301,12 +347,14 @@ class Trainer(TrainerBase):
     # ------------------------------------------------------------------------------------------- training
     def _model_fn(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
                   force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        with _autocast(self.info.device, self.cfg.train.precision):
-            out = self.engine(x, t, y, force_drop_ids=force_drop_ids)
-        return out.float()
+        # bf16: the engine opens the autocast itself (the `torch_autocast` section of its config)
+        return self.engine(x, t, y, force_drop_ids=force_drop_ids).float()
 
-    def _micro_step(self) -> tuple[float, bool]:
-        """Forward/backward on one micro batch; returns (loss, finite on every rank)."""
+    def _micro_step(self) -> torch.Tensor:
+        """Forward and backward of one micro batch; returns its loss (a device scalar the host does not read).
+
+        A non-finite loss is multiplied into its own backward as NaN, so this rank's gradients become NaN, the
+        gradient reduction carries that to every rank, and every rank skips the optimizer step."""
         x, y = next(self.iterator)
         x = x.to(self.info.device, non_blocking=True)
         y = y.to(self.info.device, non_blocking=True)
@@ -319,66 +367,92 @@ class Trainer(TrainerBase):
         loss = self.diffusion.training_losses(self._model_fn, x, t, model_kwargs=kwargs, noise=noise)["loss"].mean()
         if self._nan_from is not None and self.step + 1 >= self._nan_from:
             loss = loss * float("nan")  # fault injection for the tests
-        value = float(loss.detach())  # one host sync per micro batch, for the guard and the log
-        ok = self.agree_finite(math.isfinite(value))  # the same all-reduce carries the preemption flag
-        if ok:
-            with contextlib.nullcontext() if self.reduce_grads else self.engine.no_sync():
-                self.engine.backward(loss)
-        return value, ok
+        loss = loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))  # x1 when finite: the same gradient
+        with contextlib.nullcontext() if self.reduce_grads else self.engine.no_sync():
+            self.engine.backward(loss)
+        return loss.detach()
 
-    def _check_and_clip(self) -> tuple[Optional[float], bool]:
-        """ZeRO-0, before the optimizer step: (grad norm, finite) of the full gradients, clipped in place.
+    def _check_and_clip(self) -> Optional[torch.Tensor]:
+        """ZeRO-0, before the optimizer step: the grad norm of the full gradients, clipped in place.
 
-        A non-finite gradient drops every `.grad` (the optimizer skips parameters without gradients, so the step
-        is a no-op). The gradients are already all-reduced, hence identical on every rank, and so is the verdict.
-        ZeRO 1-3 check and clip their partitions inside DeepSpeed: (None, True) here."""
+        Non-finite gradients make the fused AdamW skip the step on the device (its `found_inf`, the mechanism of
+        torch's GradScaler: no update, no step count). The gradients are all-reduced by now, hence identical on
+        every rank, and so is the verdict. ZeRO 1-3 check and clip their partitions inside DeepSpeed: None."""
         if self.cfg.train.deepspeed.zero_stage != 0 or not self.engine.is_gradient_accumulation_boundary():
-            return None, True
+            return None
         if self._inf_grad_at == self.step + 1:
             with torch.no_grad():  # fault injection for the tests (every rank: gradients are all-reduced by now)
                 self.params[0].grad.view(-1)[0] = float("inf")
         norm, finite = clip_and_check_grads([p.grad for p in self.params if p.grad is not None],
-                                            self.cfg.train.grad_clip)
-        if not finite:
-            for p in self.params:
-                p.grad = None
-        return norm, finite
+                                            self.cfg.train.grad_clip, host_reads=self.host_reads)
+        self.optimizer.found_inf = (~finite).float()
+        self._applied = finite
+        return norm
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over `accum` finite micro batches.
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `accum` micro batches, queued without waiting for the device.
 
-        A micro batch whose loss is non-finite on any rank is dropped on every rank (no backward, no engine step);
-        an accumulated gradient that is non-finite makes the optimizer skip the step (ZeRO 1-3 do it themselves,
-        stage 0 here). Both count as bad steps; `train.max_bad_steps` in a row stop the run.
+        Non-finite values skip the step on every rank: a non-finite loss or gradient (ZeRO-0 here, on the
+        device; ZeRO 1-3 inside DeepSpeed). The device counts the run of skipped steps; `step_end` reads it one
+        step later and stops the run after `train.max_bad_steps` in a row.
         """
-        losses: list[float] = []
-        grads_ok, grad_norm = True, None
-        while len(losses) < self.accum:
-            loss, ok = self._micro_step()
-            if not ok:
-                self.bad_step("non-finite loss, micro batch dropped")
-                continue
-            losses.append(loss)
-            norm, finite = self._check_and_clip()
-            grads_ok = grads_ok and finite
+        losses: list[torch.Tensor] = []
+        grad_norm: Any = None
+        for _ in range(self.accum):
+            losses.append(self._micro_step())
+            norm = self._check_and_clip()
             grad_norm = norm if norm is not None else grad_norm
             self.engine.step()
-        applied = self.engine.was_step_applied() and grads_ok
+        if self.cfg.train.deepspeed.zero_stage != 0:
+            self._applied = torch.full((), self.engine.was_step_applied(), dtype=torch.bool, device=self.info.device)
+            grad_norm = self.engine.get_global_grad_norm()
+        applied = self._applied
         if self._nan_weight_at == self.step + 1:
             with torch.no_grad():  # fault injection for the tests
                 self.params[0].view(-1)[0] = float("nan")
-        if applied:
-            self.good_step()
-        else:
-            self.bad_step("non-finite gradient, optimizer step skipped")
+        self.bad_run = torch.where(applied, torch.zeros_like(self.bad_run), self.bad_run + 1)
+        self.nonfinite_count = self.nonfinite_count + (~applied).long()
         self.step += 1
         self.ema.after_step(self.step, applied)
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
-        metrics = {"loss": sum(losses) / len(losses)}
+        metrics: dict[str, Any] = {"loss": torch.stack(losses).mean()}
         if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+            metrics["grad_norm"] = grad_norm
         return metrics
+
+    def step_end(self, signal_received: bool) -> bool:
+        """After each step (collective): True when the run must stop for a signal; raises `TrainingStopped` after
+        `train.max_bad_steps` non-finite steps in a row.
+
+        The verdict is one step late: the flags of step k (signal on any rank, the run of skipped steps) are
+        all-reduced on the device and copied to the host asynchronously, and read after step k+1 is queued."""
+        self._signal_flag.fill_(1.0 if signal_received else 0.0)  # a kernel argument: no host-to-device copy
+        flags = torch.stack([self._signal_flag, self.bad_run.double()])
+        if self.info.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        previous = self._flags.take()
+        self._flags.put(flags)
+        return self._decide(previous, self.step - 1)
+
+    def flush_step_flags(self) -> bool:
+        """Read the flags of the last step (end of the run); returns the signal verdict like `step_end`."""
+        return self._decide(self._flags.take(), self.step)
+
+    def _decide(self, flags: Optional[list], step: int) -> bool:
+        if flags is None:
+            return False
+        signal, bad_run = flags[0] > 0, int(flags[1])
+        if bad_run:
+            log.warning("step %d: non-finite loss or gradient, optimizer step skipped (%d in a row)", step, bad_run)
+            if bad_run >= self.cfg.train.max_bad_steps:
+                raise TrainingStopped(f"{bad_run} non-finite steps in a row (train.max_bad_steps="
+                                      f"{self.cfg.train.max_bad_steps}): lower train.lr, enable train.grad_clip or "
+                                      f"model.qk_norm, or resume from an earlier checkpoint")
+        return signal
+
+    def sync_counters(self) -> None:
+        """Bring the device's step counters to the host (checkpoints and logs read them there)."""
+        self.bad_in_a_row = int(self.bad_run)
+        self.nonfinite_total = int(self.nonfinite_count)
 
 
 def _save_safetensors(state: dict[str, torch.Tensor], path: Path, header: dict[str, Any]) -> None:

@@ -59,6 +59,16 @@ def versions() -> dict[str, str]:
     return out
 
 
+def stream_options(cfg: Config, info: DistInfo, micro_batch: int) -> dict[str, Any]:
+    """`build_stream` keyword arguments of this rank's training stream.
+
+    On a GPU the batches come in page-locked (pinned) host memory, so the trainer's `non_blocking` copies to the
+    device are asynchronous (from pageable memory a copy waits for the device to reach it)."""
+    return dict(batch_size=micro_batch, rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
+                seed=cfg.train.seed, mode=cfg.data.mode, shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.flip,
+                pin_memory=info.device.type == "cuda")
+
+
 class TrainerBase(abc.ABC):
     """Resume, data stream, RNG, checkpoints and the run loop; subclasses add models and the optimizer step.
 
@@ -70,6 +80,7 @@ class TrainerBase(abc.ABC):
 
     CHECKPOINT_FORMAT = "ditstack-train-1"
     NAME = "train"
+    FORMAT_HINTS: dict[str, str] = {}  # earlier formats -> what to do with them (appended to the error)
 
     def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, resume: Optional[str]) -> None:
         from data_pipeline.loader import build_stream
@@ -83,8 +94,9 @@ class TrainerBase(abc.ABC):
             raise ConfigError("data.shards is empty: set it to a shard directory (with manifest.json)")
         self.meta = ckpt_io.read_meta(self.resume_from) if self.resume_from else None
         if self.meta is not None and self.meta.get("format") != self.CHECKPOINT_FORMAT:
+            hint = self.FORMAT_HINTS.get(str(self.meta.get("format")), "")
             raise ckpt_io.CheckpointError(f"{self.resume_from}: not a {self.CHECKPOINT_FORMAT} checkpoint "
-                                          f"(format {self.meta.get('format')!r})")
+                                          f"(format {self.meta.get('format')!r}){hint}")
         positions = None
         if self.meta is not None:
             if self.meta.get("world_size") == info.world_size:
@@ -93,9 +105,7 @@ class TrainerBase(abc.ABC):
                 log.warning("checkpoint was written by %s ranks, this run has %s: the data stream restarts at the "
                             "beginning of epoch %s (the rest resumes exactly)", self.meta.get("world_size"),
                             info.world_size, self.meta.get("epoch"))
-        stream_kwargs = dict(batch_size=self.micro, rank=info.rank, world_size=info.world_size,
-                             num_workers=cfg.data.num_workers, seed=cfg.train.seed, mode=cfg.data.mode,
-                             shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.flip)
+        stream_kwargs = stream_options(cfg, info, self.micro)
         try:
             self.stream = build_stream(cfg.data.shards, position=positions[info.rank] if positions else None,
                                        **stream_kwargs)
@@ -117,6 +127,7 @@ class TrainerBase(abc.ABC):
         self.sink: Optional[MetricsSink] = None
         self.preempt: Optional[PreemptionFlag] = None  # set while `run` trains
         self._stop_agreed: Optional[bool] = None  # the step's preemption verdict, when `agree_finite` carried it
+        self._runtime_logged = False
 
     # ----------------------------------------------------------------------------------------- subclass API
     @abc.abstractmethod
@@ -151,6 +162,25 @@ class TrainerBase(abc.ABC):
         """The learning rate to log."""
         return None
 
+    def run_record(self) -> dict[str, Any]:
+        """How this process computes (device, TF32, ...), recorded in checkpoints and the log."""
+        return {"device": str(self.info.device)}
+
+    def step_end(self, signal_received: bool) -> bool:
+        """After every step (collective): True when any rank received a preemption signal, so every rank stops.
+
+        Uses the verdict `agree_finite` carried in the step's own all-reduce when it did, else one all-reduce.
+        A subclass may decide on the device instead (launch/train.py); it may raise `TrainingStopped`."""
+        assert self.preempt is not None
+        return self._stop_agreed if self._stop_agreed is not None else self.preempt.should_stop(self.info.device)
+
+    def flush_step_flags(self) -> bool:
+        """At the end of the run: settle what `step_end` had not decided yet (True: a signal arrived)."""
+        return False
+
+    def sync_counters(self) -> None:
+        """Bring step counters kept on the device to `bad_in_a_row` / `nonfinite_total` (before they are read)."""
+
     flops_per_sample: Optional[float] = None
     peak_flops: Optional[float] = None
 
@@ -158,10 +188,10 @@ class TrainerBase(abc.ABC):
     def finish_setup(self) -> None:
         """Load the checkpoint (or seed every rank differently), open the metric sinks (call after building)."""
         if self.meta is not None:
-            recorded = {k: self.meta.get(k) for k in self.model_meta()}
-            if recorded != self.model_meta():
-                raise ckpt_io.CheckpointError(f"{self.resume_from}: the checkpoint's models {recorded} do not match "
-                                              f"this config's {self.model_meta()}")
+            recorded, wanted = {k: self.meta.get(k) for k in self.model_meta()}, self.model_meta()
+            if recorded != wanted:
+                raise ckpt_io.CheckpointError(f"{self.resume_from}: the checkpoint's model differs from this "
+                                              f"config's: {_first_difference(recorded, wanted)}")
             self.load_state(self.resume_from, self.meta)
             self.step = int(self.meta["step"])
             self.nonfinite_total = int(self.meta.get("nonfinite_steps", 0))
@@ -196,10 +226,11 @@ class TrainerBase(abc.ABC):
                 "world_size": self.info.world_size, "positions": positions, "config": config_to_dict(self.cfg),
                 "data": self.data_info, "nonfinite_steps": self.nonfinite_total,
                 "corrupt_samples": int(getattr(self.stream, "corrupt_count", 0)), "versions": versions(),
-                **self.model_meta()}
+                "runtime": self.run_record(), **self.model_meta()}
 
     def save(self) -> Path:
         """Write a complete checkpoint of the current step (collective); refuses non-finite weights."""
+        self.sync_counters()
         if not all_ranks_true(self.weights_finite(), self.info.device):
             raise TrainingStopped(f"non-finite weights at step {self.step}: refusing to write a checkpoint")
         tmp = ckpt_io.begin_save(self.ckpt_root, self.step, self.info.is_main)
@@ -254,24 +285,23 @@ class TrainerBase(abc.ABC):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=self.NAME, dynamic_ncols=True)
-        window: dict[str, list[float]] = {}
-        window_start, window_steps = time.perf_counter(), 0
+        window = MetricWindow(info.device)
+        window_start = time.perf_counter()
         last_saved = self.step if self.resume_from else -1
         status = 0
         try:
             while self.step < cfg.train.max_steps:
                 self._stop_agreed = None
-                for key, value in self.train_step().items():
-                    if math.isfinite(value):
-                        window.setdefault(key, []).append(value)
-                window_steps += 1
+                window.add(self.train_step())
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                    self._log(window, window_steps, time.perf_counter() - window_start, bar)
-                    window, window_steps, window_start = {}, 0, time.perf_counter()
+                    self._log(window, time.perf_counter() - window_start, bar)
+                    window, window_start = MetricWindow(info.device), time.perf_counter()
                 self.on_step()
-                stop = self._stop_agreed if self._stop_agreed is not None else preempt.should_stop(info.device)
+                stop = self.step_end(preempt.received is not None)
+                if self.step == cfg.train.max_steps:
+                    stop = self.flush_step_flags() or stop
                 if self.step % cfg.train.ckpt_every == 0 or stop:
                     self.save()
                     last_saved = self.step
@@ -295,15 +325,12 @@ class TrainerBase(abc.ABC):
             self.stream.close()
         return status
 
-    def _log(self, window: dict[str, list[float]], steps: int, seconds: float, bar: Any) -> None:
-        # Every rank logs the same keys at the same steps, so one all-reduce averages them over the ranks.
-        keys = sorted(window)
-        local = torch.tensor([sum(window[k]) / len(window[k]) for k in keys] or [0.0], dtype=torch.float64,
-                             device=self.info.device)
-        if dist.is_initialized() and self.info.world_size > 1:
-            dist.all_reduce(local, op=dist.ReduceOp.SUM)
-            local /= self.info.world_size
-        record: dict[str, Any] = {k: float(v) for k, v in zip(keys, local.tolist())}
+    def _log(self, window: "MetricWindow", seconds: float, bar: Any) -> None:
+        # Every rank logs the same keys at the same steps: one all-reduce sums them over the ranks. This is the
+        # step's only read of the metrics by the host.
+        self.sync_counters()
+        record: dict[str, Any] = window.reduce(self.info.world_size > 1 and dist.is_initialized())
+        steps = window.steps
         samples_per_s = steps * self.cfg.train.global_batch_size / max(seconds, 1e-9)
         record.update({"samples_per_s": samples_per_s, "step_time": seconds / max(steps, 1),
                        "epoch": self.stream.position().get("epoch", 0), "nonfinite_steps": self.nonfinite_total,
@@ -313,11 +340,76 @@ class TrainerBase(abc.ABC):
             record["lr"] = lr
         if self.flops_per_sample and self.peak_flops:
             record["mfu"] = samples_per_s * self.flops_per_sample / (self.peak_flops * self.info.world_size)
+        record.update(device_memory_record(self.info.device))
+        if not self._runtime_logged:  # the first record of each process says how it computes
+            record["runtime"] = self.run_record()
+            self._runtime_logged = True
         assert self.sink is not None
         self.sink.log(self.step, record)
         if bar is not None:
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "rec", "lpips", "d_loss", "lr", "samples_per_s")
                              if k in record})
+
+
+def device_memory_record(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory of this process so far, in GiB (allocated tensors and what the caching allocator holds);
+    empty on the CPU. The allocator's own counters: no device sync."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_mem_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+            "gpu_mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+def _first_difference(saved: Any, wanted: Any, path: str = "") -> str:
+    """`key: checkpoint X, config Y` for the first place where two JSON-like values differ."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        for key in sorted(set(saved) | set(wanted), key=str):
+            if saved.get(key) != wanted.get(key):
+                return _first_difference(saved.get(key), wanted.get(key), f"{path}.{key}" if path else str(key))
+    return f"{path or 'value'}: checkpoint {saved!r}, config {wanted!r}"
+
+
+class MetricWindow:
+    """The metrics of the steps since the last log line: per key, the sum and count of its finite values.
+
+    Tensor values are summed where they are (on the GPU: no host sync per step), Python numbers on the host; a
+    non-finite value is left out (a skipped step has no grad norm). `reduce` sums every rank's sums and counts in
+    one all-reduce and returns the means.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.steps = 0
+        self._sums: dict[str, Any] = {}
+        self._counts: dict[str, Any] = {}
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        """Fold one step's metrics (floats or 0-dim tensors) in."""
+        self.steps += 1
+        for key, value in metrics.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to(torch.float64)
+                finite = torch.isfinite(value)
+                self._sums[key] = self._sums.get(key, 0.0) + torch.where(finite, value, torch.zeros_like(value))
+                self._counts[key] = self._counts.get(key, 0.0) + finite.to(torch.float64)
+            else:
+                ok = math.isfinite(float(value))
+                self._sums[key] = self._sums.get(key, 0.0) + (float(value) if ok else 0.0)
+                self._counts[key] = self._counts.get(key, 0.0) + (1.0 if ok else 0.0)
+
+    def reduce(self, all_ranks: bool) -> dict[str, float]:
+        """Means over the window (and over every rank when `all_ranks`; collective then); keys without a
+        finite value are left out."""
+        keys = sorted(self._sums)
+        if not keys:
+            return {}
+        parts = [torch.as_tensor(v, dtype=torch.float64).to(self.device).reshape(1)
+                 for k in keys for v in (self._sums[k], self._counts[k])]
+        packed = torch.cat(parts)
+        if all_ranks:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        values = packed.tolist()
+        return {k: values[2 * i] / values[2 * i + 1] for i, k in enumerate(keys) if values[2 * i + 1] > 0}
 
 
 # ------------------------------------------------------------------------------------------------ entry point

@@ -293,3 +293,43 @@ def test_respaced_model_sees_original_timesteps():
     x = torch.randn(2, 1, 2, 2)
     sp.p_mean_variance(model_fn, x, torch.tensor([0, 9]))
     assert seen[0].tolist() == [0, 900]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No host copies per step (on a GPU each would be a blocking host-to-device copy)
+# ---------------------------------------------------------------------------------------------------------------
+def test_schedule_lookups_copy_nothing_from_host_after_the_first(monkeypatch):
+    from dit.samplers import sample
+
+    d = create_diffusion(timestep_respacing="", learn_sigma=True)
+    x0 = torch.randn(4, 3, 8, 8)
+    t = torch.randint(0, d.num_timesteps, (4,))
+
+    def model(x, t, **kw):
+        return torch.zeros(x.shape[0], 6, *x.shape[2:], dtype=x.dtype) + 0.1 * x.repeat(1, 2, 1, 1)
+
+    def run():
+        d.training_losses(model, x0, t)
+        sample(model, d, (2, 3, 8, 8), sampler="ddpm", steps=5, generator=torch.Generator().manual_seed(0))
+        sample(model, d, (2, 3, 8, 8), sampler="ddim", steps=5, generator=torch.Generator().manual_seed(0))
+
+    run()  # builds the device tables (and the respaced processes' own)
+    conversions = []
+    as_tensor, from_numpy = torch.as_tensor, torch.from_numpy
+
+    def counting_as_tensor(data, *args, **kwargs):
+        if isinstance(data, np.ndarray):
+            conversions.append(data.shape)
+        return as_tensor(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "as_tensor", counting_as_tensor)
+    monkeypatch.setattr(torch, "from_numpy", lambda a: conversions.append(a.shape) or from_numpy(a))
+    d.training_losses(model, x0, t)
+    assert conversions == [], f"training step converted {len(conversions)} numpy arrays"
+    sp = d.respace(5)
+    sp.p_mean_variance(model, x0, torch.full((4,), 3))  # warm up this process's tables
+    conversions.clear()
+    for i in range(5):
+        sp.p_mean_variance(model, x0, torch.full((4,), i))
+        sp.eps_from_x0(x0, torch.full((4,), i), x0)
+    assert conversions == [], f"sampling steps converted {len(conversions)} numpy arrays"

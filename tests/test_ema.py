@@ -134,8 +134,8 @@ def test_engine_ema_pending_steps_round_trip_and_exports_are_up_to_date():
     ema.after_step(1, applied=True)
     ema.after_step(2, applied=True)
     assert ema.pending == 2
-    raw = ema.full_state_dict(up_to_date=False)
-    current = ema.full_state_dict()
+    raw = ema.state_dict_on_main(up_to_date=False)
+    current = ema.state_dict_on_main()
     for name, s in zip(ema.names, ema.shadow):
         assert torch.equal(raw[name], s)
         torch.testing.assert_close(current[name], d ** 2 * s + (1 - d ** 2) * 1.0)
@@ -147,3 +147,40 @@ def test_engine_ema_pending_steps_round_trip_and_exports_are_up_to_date():
     assert other.pending == ema.pending == 1
     for x, y in zip(ema.shadow, other.shadow):
         assert torch.equal(x, y)
+
+
+def test_engine_ema_device_flag_equals_the_host_flag():
+    """`applied` as a device bool tensor (the GPU step never reads it on the host) folds exactly like a bool."""
+    from launch.engine_ema import EngineEMA
+
+    model = _linear()
+    for every in (1, 3):
+        a, b = EngineEMA(model, 0.8, every), EngineEMA(model, 0.8, every)
+        for step, applied in enumerate([True, False, True, True, False, True, True], start=1):
+            _set_weights(model, float(step))
+            a.after_step(step, applied)
+            b.after_step(step, torch.tensor(applied))
+        assert a.pending == b.pending
+        for x, y in zip(a.shadow, b.shadow):
+            assert torch.equal(x, y)
+
+
+def test_engine_ema_host_copies_only_on_rank_zero_and_device_copy(monkeypatch):
+    """Checkpoints and exports need the full EMA in host memory on rank 0 alone (other ranks hold nothing);
+    grids and evaluation copy it device to device into the sampling model."""
+    import torch.distributed as dist
+
+    from launch.engine_ema import EngineEMA
+
+    model = _linear()
+    ema = EngineEMA(model, 0.5, every=2)
+    _set_weights(model, 2.0)
+    ema.after_step(1, True)  # pending: the copies must be up to date
+    target = _linear().float()
+    ema.copy_to(target)
+    expected = ema.state_dict_on_main()
+    for name, p in target.named_parameters():
+        assert torch.equal(p, expected[name])
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    assert ema.state_dict_on_main() is None and ema.state_dict_on_main(up_to_date=False) is None

@@ -151,3 +151,18 @@ def test_bf16_stored_weights_equal_plain_autocast(tmp_path):
                 model_kwargs={"y": labels})
     assert torch.equal(got, gen.decode(x0))
     assert next(gen.model.parameters()).dtype == torch.float32  # the caller's model is left alone
+
+
+def test_bf16_samples_follow_new_weights_loaded_into_the_generator(tmp_path):
+    """The trainer loads each new EMA snapshot into the same generator: bf16 samples must use the new weights
+    (a cached bf16 copy of the first snapshot made every later grid identical)."""
+    gen, _ = load_checkpoint(tiny_checkpoint(tmp_path / "a.safetensors", seed=0))
+    labels, seeds = torch.tensor([1, 7]), [4, 5]
+    kw = dict(steps=3, cfg_scale=2.0)
+    first = gen.sample_batch(labels, seeds, dtype=torch.bfloat16, **kw)
+    other, _ = load_checkpoint(tiny_checkpoint(tmp_path / "b.safetensors", seed=1))
+    gen.model.load_state_dict(other.model.state_dict())
+    again = gen.sample_batch(labels, seeds, dtype=torch.bfloat16, **kw)
+    assert torch.equal(again, other.sample_batch(labels, seeds, dtype=torch.bfloat16, **kw))
+    assert not torch.equal(again, first)
+    assert torch.equal(gen.sample_batch(labels, seeds, dtype=torch.bfloat16, **kw), again)  # cache reused
