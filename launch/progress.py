@@ -107,7 +107,7 @@ class StepProgress:
 
     def _eta(self, now: float, step: int) -> Optional[float]:
         t0, s0 = self._first_log if self._first_log is not None and step > self._first_log[1] else self._start
-        if step <= s0 or now <= t0:
+        if step <= s0 or now <= t0 or step >= self.total:
             return None
         return max(self.total - step, 0) * (now - t0) / (step - s0)
 

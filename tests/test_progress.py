@@ -125,3 +125,13 @@ def test_stream_without_isatty_is_a_log_file():
                                           (3 * 86400 + 4 * 3600 + 59, "3d 4h")])
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_last_step_has_no_eta(log_to):
+    stream = io.StringIO()
+    log_to(stream)
+    clock = FakeClock()
+    progress = StepProgress(total=10, stream=stream, clock=clock)
+    clock.now += 5
+    progress.log(10, {"loss": 1.0})
+    assert stream.getvalue().strip().endswith("step 10/10 (100.0%) loss 1")
