@@ -2,21 +2,45 @@
 
 Rank, local rank and world size are read in this order of preference: torchrun/deepspeed variables (RANK,
 LOCAL_RANK, WORLD_SIZE), then SLURM (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS), else a single process. The
-device is picked from the LOCAL rank (never the global one): `cuda:LOCAL_RANK` with NCCL on GPUs, CPU with gloo.
+device is picked from the LOCAL rank and the GPUs this process can see (`select_device`): NCCL on GPUs, gloo on
+the CPU.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Optional
+from datetime import timedelta
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+# Collective timeout of the process group. Rank 0 alone writes sample grids (hundreds of sampler steps of the
+# EMA model), finishes checkpoints (renames and pruning of multi-GB folders on a network file system), and at the
+# end draws the loss curve and samples.gif, while the other ranks wait in the next collective; torch's and
+# DeepSpeed's 10-30 minute defaults can kill a healthy run of a big model there. A real hang is rare (a crashed
+# rank ends the whole srun step through --kill-on-bad-exit), so a long timeout costs little.
+DEFAULT_DIST_TIMEOUT = timedelta(minutes=60)
+
+# SLURM jobs derive the rendezvous port from the job id (the same on every task and across requeues; jobs
+# sharing a node differ). The range stays below Linux's ephemeral ports (32768+, net.ipv4.ip_local_port_range),
+# where an outgoing connection may already hold the port. slurm/lib.sh (dit_master_port) uses the same formula.
+SLURM_PORT_BASE = 15000
+SLURM_PORT_SPAN = 15000
+
+# torch's own default since 2.2 (tear the process down on a collective error/timeout without first aborting the
+# communicator, which can itself hang); set explicitly so every launcher and torch version behaves the same.
+NCCL_ASYNC_ERROR_HANDLING = "3"
+
+
+class DeviceLayoutError(RuntimeError):
+    """This process's local rank has no GPU of its own among the visible ones."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +64,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def slurm_master_port(job_id: int) -> int:
+    """Rendezvous port of SLURM job `job_id` (15000-29999; the same formula as slurm/lib.sh's dit_master_port)."""
+    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
+
+
 def _first_slurm_host(nodelist: str) -> str:
     """First hostname of a SLURM nodelist such as `gpu[01-04],gpu07`."""
     try:
@@ -57,8 +86,48 @@ def _first_slurm_host(nodelist: str) -> str:
     return head
 
 
-def resolve_env(env: Optional[dict] = None) -> dict:
-    """Return RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT for this process as strings, from the launcher."""
+def _expand_tasks_per_node(spec: str) -> Optional[list[int]]:
+    """SLURM's compressed per-node task counts (`8(x4)`, `2(x2),1`) as a list; None when unparsable."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if m is None:
+            return None
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts or None
+
+
+def local_world_size(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """Number of processes of the job on this node, or None when the launcher does not say.
+
+    From LOCAL_WORLD_SIZE (torchrun) or LOCAL_SIZE (deepspeed's launcher) when the ranks come from RANK/WORLD_SIZE;
+    from SLURM_STEP_TASKS_PER_NODE (else SLURM_TASKS_PER_NODE) and SLURM_NODEID under srun.
+    """
+    env = os.environ if env is None else env
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return None  # torchrun-style ranks without a local size: SLURM's counts would describe the outer srun
+    if "SLURM_PROCID" not in env:
+        return None
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    counts = _expand_tasks_per_node(spec) if spec else None
+    if not counts:
+        return None
+    if len(set(counts)) == 1:
+        return counts[0]
+    node = env.get("SLURM_NODEID", "")
+    # SLURM_NODEID counts the job's nodes; the step's list matches it only when the step spans all of them.
+    if node.isdigit() and int(node) < len(counts) and len(counts) == int(env.get("SLURM_JOB_NUM_NODES",
+                                                                                env.get("SLURM_NNODES", "-1"))):
+        return counts[int(node)]
+    return None
+
+
+def resolve_env(env: Optional[Mapping[str, str]] = None) -> dict:
+    """Return RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (and LOCAL_WORLD_SIZE when known) for this
+    process as strings, from the launcher."""
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
         out = {"RANK": env["RANK"], "WORLD_SIZE": env["WORLD_SIZE"], "LOCAL_RANK": env.get("LOCAL_RANK", "0")}
@@ -67,6 +136,9 @@ def resolve_env(env: Optional[dict] = None) -> dict:
                "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
     else:
         out = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    local_world = local_world_size(env) if int(out["WORLD_SIZE"]) > 1 else 1
+    if local_world is not None:
+        out["LOCAL_WORLD_SIZE"] = str(local_world)
     if "MASTER_ADDR" in env:
         out["MASTER_ADDR"] = env["MASTER_ADDR"]
     elif "SLURM_JOB_NODELIST" in env and int(out["WORLD_SIZE"]) > 1:
@@ -76,7 +148,7 @@ def resolve_env(env: Optional[dict] = None) -> dict:
     if "MASTER_PORT" in env:
         out["MASTER_PORT"] = env["MASTER_PORT"]
     elif "SLURM_JOB_ID" in env:
-        out["MASTER_PORT"] = str(15000 + int(env["SLURM_JOB_ID"]) % 20000)
+        out["MASTER_PORT"] = str(slurm_master_port(int(env["SLURM_JOB_ID"])))
     elif int(out["WORLD_SIZE"]) == 1:
         out["MASTER_PORT"] = str(_free_port())
     else:
@@ -84,30 +156,93 @@ def resolve_env(env: Optional[dict] = None) -> dict:
     return out
 
 
-def init_distributed(use_deepspeed: bool = True) -> DistInfo:
+def _gpu_list_len(value: str) -> int:
+    """Number of GPUs in a SLURM GPU list such as `0,1,2,3` or `0-3,6`."""
+    count = 0
+    for part in value.split(","):
+        part = part.strip()
+        if re.fullmatch(r"\d+-\d+", part):
+            lo, hi = (int(x) for x in part.split("-"))
+            count += max(hi - lo + 1, 0)
+        elif part:
+            count += 1
+    return count
+
+
+def _bound_to_own_gpus(visible: int, env: Mapping[str, str]) -> bool:
+    """Whether SLURM gave this task a subset of the node's GPUs (so other local ranks see other GPUs)."""
+    if visible == 1:
+        return True  # --gpus-per-task=1 / --gpu-bind=single:1 / map_gpu: each task sees its own one GPU
+    if env.get("SLURM_GPUS_PER_TASK"):
+        return True  # --gpus-per-task=k binds k GPUs to each task (--gpu-bind=per_task:k) unless overridden
+    step_gpus = env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS") or ""
+    return _gpu_list_len(step_gpus) > visible  # the step holds more GPUs on this node than this task sees
+
+
+def select_device(local_rank: int, local_world_size: Optional[int] = None,
+                  env: Optional[Mapping[str, str]] = None) -> torch.device:
+    """The device of the process with node-local rank `local_rank` among the GPUs it can see.
+
+    With n visible GPUs (torch.cuda.device_count(), after CUDA_VISIBLE_DEVICES) the rule is `cuda:(local_rank % n)`:
+    - every node GPU visible to every task (torchrun, srun with --gpus-per-node): cuda:local_rank;
+    - one GPU visible (srun --gpus-per-task=1 or --gpu-bind=single:1/map_gpu): cuda:0;
+    - k GPUs visible per task while the tasks are bound to different GPUs (--gpus-per-task=k, --gpu-bind=closest
+      with SLURM's default block distribution): the (local_rank mod k)-th of them.
+    More local ranks (`local_world_size`, else `local_rank + 1`) than visible GPUs without such a binding would put
+    two ranks on one GPU: `DeviceLayoutError`, on every local rank alike. No CUDA: the CPU.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    env = os.environ if env is None else env
+    visible = torch.cuda.device_count()
+    needed = local_world_size if local_world_size is not None else local_rank + 1
+    if needed > visible and not _bound_to_own_gpus(visible, env):
+        tasks = f"{local_world_size} local ranks" if local_world_size is not None else f"local rank {local_rank}"
+        raise DeviceLayoutError(
+            f"{tasks} on this node but only {visible} visible GPU(s) (CUDA_VISIBLE_DEVICES="
+            f"{env.get('CUDA_VISIBLE_DEVICES', '<unset>')}, local rank {local_rank}): start at most {visible} "
+            f"tasks per node, or give each task its own GPU (srun --gpus-per-task=1)")
+    return torch.device("cuda", local_rank % visible)
+
+
+def dist_timeout(timeout: Union[timedelta, float, int, None]) -> timedelta:
+    """The collective timeout for `timeout` (a timedelta, or minutes; None: DEFAULT_DIST_TIMEOUT)."""
+    if timeout is None:
+        return DEFAULT_DIST_TIMEOUT
+    value = timeout if isinstance(timeout, timedelta) else timedelta(minutes=float(timeout))
+    if value.total_seconds() <= 0:
+        raise ValueError(f"distributed timeout must be positive, got {timeout!r}")
+    return value
+
+
+def init_distributed(use_deepspeed: bool = True, timeout: Union[timedelta, float, int, None] = None) -> DistInfo:
     """Set up the process group for this launcher and return where this process sits.
 
-    Exports RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT so DeepSpeed and torch agree, picks the device from
-    LOCAL_RANK, and initialises the process group (also for a single process, so collectives work everywhere).
+    Exports RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (and LOCAL_WORLD_SIZE) so DeepSpeed and torch
+    agree, picks the device with `select_device`, and initialises the process group (also for a single process, so
+    collectives work everywhere) with collective timeout `timeout` (a timedelta or minutes; default
+    DEFAULT_DIST_TIMEOUT). Raises `DeviceLayoutError` when the local rank has no GPU of its own.
     """
+    pg_timeout = dist_timeout(timeout)
     resolved = resolve_env()
     os.environ.update(resolved)
     rank, local_rank, world = int(resolved["RANK"]), int(resolved["LOCAL_RANK"]), int(resolved["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    local_world = int(resolved["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in resolved else None
+    device = select_device(local_rank, local_world)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         backend = "nccl"
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", NCCL_ASYNC_ERROR_HANDLING)
     else:
-        device = torch.device("cpu")
         backend = "gloo"
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
         if use_deepspeed:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=pg_timeout)
         else:
-            dist.init_process_group(backend=backend, rank=rank, world_size=world)
+            dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=pg_timeout)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
 
 

@@ -9,7 +9,8 @@
 #
 # Arguments are passed to eval/fid.py. Environment (all optional): CKPT (--ckpt), REF (--ref), OUT (--out), VENV,
 # DIT_REPO (default: the submit dir), SRUN_ARGS (extra srun flags).
-# Resources are not fixed here (default: 1 task): pass them to sbatch. When the job is preempted or reaches its
+# Resources are not fixed here (default: 1 task): pass them to sbatch (--cpus-per-task reaches every srun task;
+# --gpus-per-task=1 works as well as --gpus-per-node). When the job is preempted or reaches its
 # time limit (USR1 120 s before), it is requeued; eval/fid.py skips the sample batches already written.
 #
 #SBATCH --job-name=dit-fid

@@ -1,6 +1,8 @@
 # Shared plumbing for the sbatch scripts in slurm/ (sourced, not run).
 #
-#   dit_setup           cd to the repo, pick the python, export MASTER_ADDR/MASTER_PORT and thread counts
+#   dit_setup           cd to the repo, pick the python, export MASTER_ADDR/MASTER_PORT, the CPUs of every srun
+#                       task (SRUN_CPUS_PER_TASK), thread counts, NCCL error handling and malloc settings
+#   dit_master_port J   the rendezvous port of job J (launch/distributed.py's slurm_master_port: the same formula)
 #   dit_args R ...      build DIT_ARGS from $CONFIG, $OVERRIDES, $RUN_DIR and the script's arguments (R=1: add
 #                       --resume ${RESUME:-auto} unless given)
 #   dit_require_config  fail early when DIT_ARGS has no --config
@@ -13,6 +15,10 @@ DIT_EXIT_PREEMPTED=3
 
 dit_log() { echo "[slurm $(date -u +%H:%M:%S)] $*"; }
 dit_die() { echo "[slurm] error: $*" >&2; exit 2; }
+
+# 15000-29999: below Linux's ephemeral ports (32768+, where an outgoing connection may hold the port), the same on
+# every task and across requeues, different for jobs sharing a node. Keep in step with launch/distributed.py.
+dit_master_port() { echo $((15000 + ${1:-0} % 15000)); }
 
 # The repo: $DIT_REPO, else the submit dir (sbatch copies the script to a spool dir, so $0 does not help).
 dit_setup() {
@@ -44,14 +50,36 @@ dit_setup() {
         first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
         addr=$(scontrol show node "$first" -o 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
         export MASTER_ADDR=${addr:-$first}
-        export MASTER_PORT=$((15000 + ${SLURM_JOB_ID:-0} % 15000))   # below Linux's ephemeral range (32768+)
+        MASTER_PORT=$(dit_master_port "${SLURM_JOB_ID:-0}")
+        export MASTER_PORT
     fi
-    # One thread per allocated CPU of the task, unless the user chose.
-    if [[ -z "${OMP_NUM_THREADS:-}" && -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
-        export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK
+
+    # CPUs of each srun task. Since Slurm 22.05 srun no longer takes --cpus-per-task from the allocation
+    # (SLURM_CPUS_PER_TASK): without SRUN_CPUS_PER_TASK every task of the step would get one CPU, shared by the
+    # trainer and its data-loader workers. --cpus-per-gpu is still inherited by srun.
+    local cpus=""
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+        export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}
+        cpus=$SRUN_CPUS_PER_TASK
+    elif [[ -n "${SLURM_CPUS_PER_GPU:-}" ]]; then
+        cpus=$SLURM_CPUS_PER_GPU   # one GPU per task
+    elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
+        dit_log "warning: no --cpus-per-task: each task gets 1 CPU for itself and its data-loader workers" \
+            "(submit with --cpus-per-task=N, e.g. the node's cores / tasks per node)"
     fi
+    # Intra-op threads: the task's own CPUs (1 without --cpus-per-task, which is what the task then holds);
+    # torch's default, every core of the node, oversubscribes the node with 8 tasks. The user's value wins.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${cpus:-1}}
+
+    # A failed or timed-out collective tears the process down (srun's --kill-on-bad-exit then ends the step)
+    # without first aborting the communicator, which can hang: torch's default since 2.2, set for every launch.
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
+    # glibc: keep freed memory instead of returning it to the OS every step (the page faults cost about a fifth
+    # of a CPU training step; see README). The user's values win.
+    export MALLOC_MMAP_MAX_=${MALLOC_MMAP_MAX_:-0} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-68719476736}
     dit_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} nodes ${SLURM_JOB_NODELIST:-?}" \
-        "tasks ${SLURM_NTASKS:-?} master ${MASTER_ADDR:-?}:${MASTER_PORT:-?} python $DIT_PY"
+        "tasks ${SLURM_NTASKS:-?} cpus/task ${cpus:-1} threads $OMP_NUM_THREADS" \
+        "master ${MASTER_ADDR:-?}:${MASTER_PORT:-?} python $DIT_PY"
 }
 
 # DIT_ARGS = --config $CONFIG, --set for each whitespace-separated item of $OVERRIDES, --run-dir $RUN_DIR, then

@@ -12,7 +12,9 @@
 # key=value, each becomes --set), RUN_DIR (--run-dir), RESUME (default auto), VENV (python = $VENV/bin/python,
 # else .venv/bin/python, else python3), DIT_REPO (default: the directory sbatch was run from), SRUN_ARGS (extra
 # srun flags). Resources are not fixed here (default: 1 task): pass --nodes/--ntasks-per-node/--gpus-per-node
-# (or --ntasks) to sbatch.
+# (or --ntasks) to sbatch, and --cpus-per-task for the data-loader workers (every srun task gets that many CPUs;
+# without it, one). --gpus-per-task=1 instead of --gpus-per-node works too (each task then sees one GPU). On nodes
+# shared with other jobs also pass --mem (or --exclusive --mem=0): the default memory per CPU is often too small.
 # Submit from the repo root. The log goes to slurm-dit-train-JOBID.out, appended across requeues.
 #
 #SBATCH --job-name=dit-train

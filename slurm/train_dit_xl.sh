@@ -33,10 +33,9 @@ CONFIG=${CONFIG:-configs/runs/dit_xl2_imagenet256.yaml}
 # export NCCL_IB_HCA=mlx5                     # InfiniBand adapters to use
 # export NCCL_IB_GID_INDEX=3                  # RoCE clusters
 # export NCCL_NET_GDR_LEVEL=PHB               # GPUDirect RDMA distance
-# export TORCH_NCCL_ASYNC_ERROR_HANDLING=1    # a failed collective raises instead of hanging (default in new torch)
-# export TORCH_NCCL_BLOCKING_WAIT=0
-# export NCCL_TIMEOUT=1800
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# slurm/lib.sh sets TORCH_NCCL_ASYNC_ERROR_HANDLING=3 (a failed collective ends the process instead of hanging).
+# The collective timeout is train.dist_timeout_minutes (default 60: rank 0 alone writes sample grids and
+# finishes checkpoints while the others wait); NCCL itself has no timeout variable.
 
 # shellcheck source=slurm/lib.sh
 source "${DIT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/lib.sh" ||
@@ -45,7 +44,9 @@ dit_setup
 dit_args 1 "$@"
 dit_require_config
 
-# One task per GPU (the allocation's 8 per node); each task sees its node's GPUs and uses cuda:$SLURM_LOCALID.
+# One task per GPU (the allocation's 8 per node), each with the job's --cpus-per-task (SRUN_CPUS_PER_TASK, set by
+# slurm/lib.sh). A task that sees all the node's GPUs uses cuda:$SLURM_LOCALID; with --gpus-per-task=1 (or
+# --gpu-bind) it sees only its own and uses cuda:0 (launch/distributed.py select_device).
 # --kill-on-bad-exit: a crashed rank takes the step down instead of leaving the others hung in a collective.
 # shellcheck disable=SC2086  # SRUN_ARGS is a list of flags
 dit_run_requeueable srun --kill-on-bad-exit=1 ${SRUN_ARGS:-} "$DIT_PY" launch/train.py "${DIT_ARGS[@]}"

@@ -19,6 +19,8 @@ from typing import Optional
 
 import pytest
 
+from launch.distributed import slurm_master_port
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
 TRAIN_SH = REPO / "slurm" / "train.sh"
@@ -231,7 +233,7 @@ def test_requeue_plumbing_with_stand_in(slurm_cluster, stand_in_repo, tmp_path):
     # Two ranks on two nodes, both started twice; master = n1's address; the port from the job id.
     assert sorted((e["rank"], e["node"], e["restart"]) for e in starts) == [
         (0, "0", "0"), (0, "0", "1"), (1, "1", "0"), (1, "1", "1")], events
-    assert {e["master"] for e in starts} == {f"127.0.0.1:{15000 + job % 15000}"}
+    assert {e["master"] for e in starts} == {f"127.0.0.1:{slurm_master_port(job)}"}
     # $OVERRIDES split on whitespace, nothing globbed or brace-expanded; script arguments come after it.
     assert all(e["sets"] == {"train.max_steps": "40", "data.shards": "/*/x-{0..3}.tar", "train.ckpt_every": "4"}
                for e in starts), starts
