@@ -1,7 +1,8 @@
 """The GPU check: one command that measures and checks ditstack on one CUDA GPU in about 8 minutes, setup included.
 
-What it does, each part in its own process with a time limit, in this order (the results file is rewritten after
-every part, so a run cut short still reports what it measured):
+What it does, each part in its own process with a time limit (the results file is rewritten after every part, so a
+run cut short still reports what it measured). Order: sync_zero2, train_bf16, official, sampling, train_bf16_ckpt,
+tests, sync_zero0, train_bf16_compile, train_bf16_zero0 (the measurements first, the slow compilation late).
 
 - ``sync_zero2`` / ``sync_zero0``: builds ``launch.train.Trainer`` in-process (as ``run_main`` does) for the bench
   config and runs non-logging ``train_step()`` calls under ``torch.cuda.set_sync_debug_mode("warn")``: every call
@@ -9,10 +10,11 @@ every part, so a run cut short still reports what it measured):
 - ``train_bf16``, ``train_bf16_ckpt``, ``train_bf16_compile`` (and ``train_bf16_zero0`` when time is left):
   DiT-XL/2 at 256 px (latents 4x32x32, 1000 classes) through the real trainer (``launch/train.py``'s ``run_main``
   with the ``Trainer`` class, on synthetic latent shards written with ``data_pipeline.synthetic``), bf16, ZeRO-2 on
-  one rank, batch 64; img/s, step time and MFU from the run's log.jsonl (the first logging window, with the warm-up
-  and compilation, is left out) and peak memory from ``torch.cuda.max_memory_allocated``. Variants: gradient
-  checkpointing (``model.grad_checkpointing``) and ``train.compile``. The end-of-run checkpoint and export are
-  skipped (``BenchTrainer``): a DiT-XL/2 checkpoint is ~14 GB of disk and tens of seconds, not the step.
+  one rank, batch 64, 50 steps; img/s, step time and MFU from the run's log.jsonl (windows of 10 steps; the first,
+  with the warm-up and compilation, is left out) and peak memory from ``torch.cuda.max_memory_allocated``.
+  Variants: gradient checkpointing (``model.grad_checkpointing``) and ``train.compile``. The end-of-run
+  checkpoint and export are skipped (``BenchTrainer``): a DiT-XL/2 checkpoint is ~14 GB of disk and tens of
+  seconds, not the step.
 - ``official``: the official network (``benchmarks/official_dit.py``, our initial weights loaded, outputs checked
   equal) in the official training step: bf16 autocast forward, the diffusion loss, backward, ``torch.optim.AdamW``,
   the official per-parameter EMA update; same batch; timed with CUDA events. Our DiT in the same bare step too
@@ -25,7 +27,8 @@ every part, so a run cut short still reports what it measured):
   with a time limit, in parallel workers when pytest-xdist is there.
 
 MFU = img/s x training FLOPs per image / peak, training FLOPs = 3 x ``DiT.model_flops_per_sample()``, peak = 989
-TFLOP/s (H100/H200 dense bf16; ``--peak-tflops``). Outputs in ``--out`` (default ``$OUT``): results.json (everything,
+TFLOP/s (H100/H200 dense bf16; ``--peak-tflops``); the rate of a bf16 8192³ matmul is measured too (the practical
+ceiling, ~790 TFLOP/s on the H200 seen here). Outputs in ``--out`` (default ``$OUT``): results.json (everything,
 with the GPU, driver, torch/CUDA/DeepSpeed versions and the environment), summary.md (the tables, also printed at
 the end), log.txt (the tail of every part's output) and junit.xml (the tests).
 
@@ -40,7 +43,7 @@ then ONE call of the device tool's ``run``:
     timeout_s: 600
 
 It installs .whl/*.whl with ``pip install --no-index --no-deps --target /tmp/ditstack-site`` and runs everything
-from the source tree (PYTHONPATH) under the machine's torch. ``--budget`` (default 450 s) bounds the whole check;
+from the source tree (PYTHONPATH) under the machine's torch. ``--budget`` (default 460 s) bounds the whole check;
 parts that no longer fit are reported as skipped. A rerun of some parts: ``--only train_bf16_compile,tests``.
 Here, on the CPU (a tiny model, a few steps, the same code path; the compile run uses the aot_eager backend):
 
@@ -56,7 +59,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import platform
 import signal
@@ -119,10 +121,10 @@ class Settings:
 
     @classmethod
     def gpu(cls) -> "Settings":
-        return cls(model={"name": "DiT-XL/2"}, latent=(4, 32, 32), num_classes=1000, batch=64, steps=30,
-                   log_every=10, workers=4, shard_counts=[256] * 4, zero_stage=2, sample_batch=64,
-                   sample_steps=10, sample_reps=2, sample_target_steps=250, cfg_scale=1.5, official_warmup=3,
-                   official_steps=10, official_rounds=2, sync_warmup=3, sync_steps=4, compile_backend=None,
+        return cls(model={"name": "DiT-XL/2"}, latent=(4, 32, 32), num_classes=1000, batch=64, steps=50,
+                   log_every=10, workers=4, shard_counts=[512] * 4, zero_stage=2, sample_batch=64,
+                   sample_steps=20, sample_reps=2, sample_target_steps=250, cfg_scale=1.5, official_warmup=3,
+                   official_steps=10, official_rounds=3, sync_warmup=3, sync_steps=4, compile_backend=None,
                    test_workers=4, test_timeout_s=300,
                    caps={"sync": 75, "train": 90, "train_compile": 210, "official": 90, "sampling": 90,
                          "tests": 200})
@@ -243,6 +245,20 @@ def nvidia_smi() -> Optional[str]:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
+def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
+    """bf16 n x n x n matrix product rate on random data (the practical ceiling beside the datasheet peak)."""
+    a = torch.randn(n, n, device=device).to(torch.bfloat16)
+    b = torch.randn(n, n, device=device).to(torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync_device()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync_device()
+    return 2.0 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
 def environment(dry: bool, peak_tflops: float, wheels: dict[str, Any]) -> dict[str, Any]:
     """What the figures were measured on."""
     env: dict[str, Any] = {
@@ -267,6 +283,8 @@ def environment(dry: bool, peak_tflops: float, wheels: dict[str, Any]) -> dict[s
                       "memory_gib": round(props.total_memory / 2**30, 1), "sm_count": props.multi_processor_count,
                       "count": torch.cuda.device_count()}
         env["nvidia_smi_start"] = nvidia_smi()
+        env["matmul_bf16_tflops_8192"] = matmul_tflops(torch.device("cuda"))
+        torch.cuda.empty_cache()
     return env
 
 
@@ -944,14 +962,16 @@ def markdown(report: dict[str, Any]) -> str:
     gpu = env.get("gpu", {}).get("name", "CPU (dry run)")
     lines = [f"# GPU check ({env['mode']})", "",
              f"{gpu}; torch {env['torch']} (CUDA {env['cuda']}), DeepSpeed {env['versions'].get('deepspeed')}, "
-             f"Python {env['python']}; peak {env['peak_tflops']:g} TFLOP/s for MFU; "
+             f"Python {env['python']}; peak {env['peak_tflops']:g} TFLOP/s for MFU (bf16 8192³ matmul measured: "
+             f"{_fmt(env.get('matmul_bf16_tflops_8192'), '.0f')} TFLOP/s); "
              f"{report['wall_s']:.0f} s of {report['budget_s']:.0f} s budget; git {env.get('git')}", ""]
     lines += ["| part | status | wall s |", "|---|---|---|"]
     lines += [f"| {k} | {v['status']} | {_fmt(v.get('wall_s'), '.0f')} |" for k, v in report["parts"].items()]
     s = report["settings"]
     lines += ["", f"## Training ({_fmt(s['model'].get('name'))}, latents {s['latent']}, batch {s['batch']}, bf16, "
                   f"{s['steps']} steps, log window {s['log_every']}; first window dropped)", "",
-              "| run | img/s | step ms | MFU | trainer MFU | peak GiB | ZeRO | loss |", "|---|---|---|---|---|---|---|---|"]
+              "| run | img/s | step ms | MFU | trainer MFU | peak GiB | ZeRO | loss |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in sm.get("train", []):
         lines.append(f"| {r['run']} | {_fmt(r.get('img_per_s'), '.1f')} | {_fmt(r.get('step_ms'), '.1f')} | "
                      f"{_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('trainer_mfu'), '.1%')} | "
@@ -1002,11 +1022,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry", action="store_true", help="CPU, tiny model, a few steps: the same code path in ~1 min")
-    ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out",
-                    help="results folder (default: $OUT, else ./gpu_check_out)")
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu_check"),
+                    help="results folder (default: $OUT, else runs/gpu_check)")
     ap.add_argument("--work", default=None, help="scratch folder for shards and runs (default: a new temp dir)")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole check (default 450 on a GPU, 600 dry); parts that no longer fit "
+                    help="seconds for the whole check (default 460 on a GPU, 600 dry); parts that no longer fit "
                          "are skipped")
     ap.add_argument("--only", default=None, help="comma list of parts to run (default: all)")
     ap.add_argument("--skip", default=None, help="comma list of parts not to run")
@@ -1082,7 +1102,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         s.batch = args.batch
     if args.steps:
         s.steps = args.steps
-    budget = args.budget or (600.0 if args.dry else 450.0)
+    budget = args.budget or (600.0 if args.dry else 460.0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check_"))

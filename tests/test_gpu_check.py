@@ -222,3 +222,9 @@ def test_gpu_mode_without_the_wheels_stops_before_any_work(monkeypatch, tmp_path
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and "deepspeed not importable" in err and "gpu_wheels.sh" in err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_matmul_rate_counts_two_flops_per_multiply_add(monkeypatch):
+    clock = iter([10.0, 12.0])  # two seconds for the timed products
+    monkeypatch.setattr(gpu_check.time, "perf_counter", lambda: next(clock))
+    assert gpu_check.matmul_tflops(torch.device("cpu"), n=64, reps=4) == pytest.approx(2 * 64**3 * 4 / 2.0 / 1e12)
