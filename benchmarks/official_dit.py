@@ -3,9 +3,10 @@
 Same modules and the same eager ops as the official implementation: timm's `PatchEmbed`, `Attention` (fused QKV,
 `scaled_dot_product_attention`) and `Mlp` (tanh GELU), `nn.LayerNorm`, one `SiLU + Linear` adaLN MLP per block,
 modulation as `x * (1 + scale) + shift`, gated residuals as `x + gate * y`, and the official `forward_with_cfg`
-(the doubled batch runs through every block; guidance on the first 3 channels). Parameter names are the official
-ones, so `load_state_dict(our_dit.state_dict())` works; `benchmarks/bench_fid.py` checks that both networks
-give the same outputs before timing them. Not used by the product: only to measure against.
+(the doubled batch runs through every block; guidance on the first 3 channels), and in training mode the official
+label dropout (token_drop). Parameter names are the official ones, so `load_state_dict(our_dit.state_dict())`
+works; `benchmarks/bench_fid.py` and `benchmarks/gpu_check.py` check that both networks give the same outputs before
+timing them. Runs on any device. Not used by the product: only to measure against.
 """
 from __future__ import annotations
 
@@ -28,17 +29,21 @@ class _TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
 class _LabelEmbedder(nn.Module):
-    def __init__(self, num_classes: int, hidden: int):
+    def __init__(self, num_classes: int, hidden: int, dropout_prob: float):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + 1, hidden)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, train: bool) -> torch.Tensor:
+        if train and self.dropout_prob > 0:  # the official token_drop: labels → the null class at random
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+            y = torch.where(drop, self.num_classes, y)
         return self.embedding_table(y)
 
 
@@ -74,12 +79,13 @@ class OfficialDiT(nn.Module):
     """Class-conditional, learned-sigma DiT with the official layer structure and forward passes."""
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 384,
-                 depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 1000):
+                 depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 1000,
+                 class_dropout_prob: float = 0.1):
         super().__init__()
         self.in_channels, self.out_channels, self.patch_size = in_channels, 2 * in_channels, patch_size
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = _TimestepEmbedder(hidden_size)
-        self.y_embedder = _LabelEmbedder(num_classes, hidden_size)
+        self.y_embedder = _LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([_Block(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = _FinalLayer(hidden_size, patch_size, self.out_channels)
@@ -93,7 +99,7 @@ class OfficialDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
             x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))
