@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default cuda:LOCAL_RANK if CUDA is available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the stored posterior samples (--stored sample)")
     p.add_argument("--merge-timeout", type=float, default=24 * 3600.0)
+    p.add_argument("--no-tf32", action="store_true", help="GPUs: exact fp32 in the VAE (default: TF32 matmuls and "
+                                                         "convolutions on Ampere and newer)")
     return p
 
 
@@ -237,10 +239,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     rank, world = rank_world_from_env()
     device = args.device
-    if device is None:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID', '0'))}" \
-            if torch.cuda.is_available() else "cpu"
+    from launch.distributed import DeviceLayoutError, local_world_size, select_device
+    from launch.tf32 import configure_tf32
+
     try:
+        if device is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+            device = str(select_device(local_rank, local_world_size() if world > 1 else 1))
+        configure_tf32(torch.device(device), not args.no_tf32)
         from launch.vae_io import load_vae
 
         vae = load_vae(args.vae, device=device)
@@ -248,7 +254,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  batch_size=args.batch_size, vae_name=getattr(vae, "name", str(args.vae)),
                                  stored=args.stored, scale_factor=args.scale_factor, seed=args.seed,
                                  merge_timeout=args.merge_timeout)
-    except (ValueError, TimeoutError, OSError) as err:
+    except (ValueError, TimeoutError, OSError, DeviceLayoutError) as err:
         print(f"encode_latents: error: {err}", file=sys.stderr)
         return 2
     if manifest is not None:

@@ -95,6 +95,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         except json.JSONDecodeError as err:
             raise ConfigError(f"train.deepspeed.config: {path} is not valid JSON ({err})") from None
     micro, accum = batch_layout(cfg, world_size)
+    bf16_comm = cfg.train.deepspeed.grad_comm_dtype == "bf16"
     zero = dict(base.get("zero_optimization", {}))
     zero["stage"] = cfg.train.deepspeed.zero_stage
     base.update({
@@ -108,12 +109,15 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         # `engine(...)` instead is switched *off* by DeepSpeed on GPUs (its `autocast_if_enabled` sees it through
         # the no-argument `torch.is_autocast_enabled()`, which reads CUDA's state, and, with this section absent,
         # disables autocast inside the engine), so bf16 runs would silently train in fp32 there.
-        # `lower_precision_safe_modules: []` keeps every gradient reduction and parameter gather in fp32 (by
-        # default DeepSpeed would reduce the Linear/Conv gradients in bf16).
+        # Gradients are reduced in `train.deepspeed.grad_comm_dtype`: fp32 by default (as the official DiT's DDP);
+        # bf16 halves the bytes per step, which is what bounds a multi-node step (benchmarks/RESULTS.md). Under
+        # torch_autocast, ZeRO 1-3 take the dtype per parameter from `lower_precision_safe_modules` (absent:
+        # DeepSpeed's Linear/Conv list in bf16; []: none) and ignore `communication_data_type`, which ZeRO-0 uses.
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
         "torch_autocast": {"enabled": cfg.train.precision == "bf16", "dtype": "bfloat16",
-                           "lower_precision_safe_modules": []},
+                           **({} if bf16_comm else {"lower_precision_safe_modules": []})},
+        "communication_data_type": "bf16" if bf16_comm else "fp32",
         "zero_allow_untested_optimizer": True,
         "steps_per_print": base.get("steps_per_print", 10**9),
     })

@@ -177,12 +177,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="decode a posterior sample instead of the mean")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--no-tf32", action="store_true", help="GPUs: exact fp32 matmuls/convolutions (default: TF32 "
+                                                          "on Ampere and newer)")
     return p
 
 
 def main(argv: Optional[list] = None) -> int:
     """CLI entry point; returns the exit status (2 for a bad config or input)."""
     from launch.config import config_from_args, load_config
+    from launch.tf32 import configure_tf32
     from launch.vae_io import LPIPSWeightsMissing, VAELoadError, build_perceptual, load_vae
 
     args = _parser().parse_args(argv)
@@ -193,6 +196,7 @@ def main(argv: Optional[list] = None) -> int:
         print("error: no shards given (--shards, data.val_shards or data.shards)", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    configure_tf32(device, not args.no_tf32)
     try:
         vae = load_vae(args.vae, device)
         perceptual = None if args.no_lpips else build_perceptual(cfg.vae.perceptual.net,

@@ -138,6 +138,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="DiT autocast dtype")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--no-tf32", action="store_true", help="GPUs: exact fp32 matmuls/convolutions (default: TF32 "
+                                                          "on Ampere and newer)")
     ap.add_argument("--vae", default=None, help="override the VAE named in the checkpoint")
     ap.add_argument("--out", default="samples/grid.png", help="grid PNG path")
     ap.add_argument("--images-dir", default=None, help="ImageFolder root of the single images (default: the "
@@ -156,6 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Sample and write the grid, the single images and the settings record; returns the exit status."""
     args = parse_args(argv)
     from launch.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed
+    from launch.tf32 import configure_tf32
     from launch.visuals import save_image_grid
 
     gc = args.guide_channels
@@ -172,6 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         class_names = list((meta.get("data") or {}).get("class_names") or [])
         labels = resolve_labels(args.labels, args.num, num_classes, class_names)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tf32 = configure_tf32(device, not args.no_tf32)
         gen, meta = load_checkpoint(args.ckpt, device, vae=args.vae)
     except (SampleError, InferenceError) as err:
         return _fail(str(err))
@@ -212,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "seeds": seeds, "checkpoint": meta["weights_file"], "step": meta.get("step"),
               "settings": {"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "cfg_scale": cfg_scale,
                            "guide_channels": gc, "guidance_interval": args.guidance_interval, "seed": args.seed,
-                           "dtype": args.dtype, "vae": args.vae},
+                           "dtype": args.dtype, "vae": args.vae, "tf32": tf32, "device": str(device)},
               "seed_rule": "sample i: seed launch.inference.sample_seed(seed, i)"}
     _write_json(out.with_suffix(".json"), record)
     print(f"wrote {n} samples: grid {out}, images under {images_root}/<class>/")

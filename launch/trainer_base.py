@@ -25,7 +25,8 @@ import torch.distributed as dist
 from launch import checkpoint as ckpt_io
 from launch.builders import batch_layout, data_record
 from launch.config import Config, ConfigError, add_config_args, config_from_args, config_to_dict
-from launch.distributed import DistInfo, barrier, cleanup, init_distributed
+from launch.distributed import DeviceLayoutError, DistInfo, barrier, cleanup, init_distributed
+from launch.progress import StepProgress
 from launch.run_utils import (EXIT_FAILED, EXIT_PREEMPTED, MetricsSink, PreemptionFlag, rng_state,
                               seed_everything, set_rng_state, setup_logging, truncate_jsonl)
 
@@ -280,11 +281,8 @@ class TrainerBase(abc.ABC):
         """Train to `train.max_steps`; returns the process exit status."""
         cfg, info = self.cfg, self.info
         preempt = self.preempt = PreemptionFlag()
-        bar = None
-        if info.is_main and cfg.train.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=self.NAME, dynamic_ncols=True)
+        progress = StepProgress(total=cfg.train.max_steps, initial=self.step, desc=self.NAME,
+                                enabled=info.is_main and cfg.train.progress)
         window = MetricWindow(info.device)
         window_start = time.perf_counter()
         last_saved = self.step if self.resume_from else -1
@@ -293,10 +291,9 @@ class TrainerBase(abc.ABC):
             while self.step < cfg.train.max_steps:
                 self._stop_agreed = None
                 window.add(self.train_step())
-                if bar is not None:
-                    bar.update(1)
+                progress.update(1)
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                    self._log(window, time.perf_counter() - window_start, bar)
+                    self._log(window, time.perf_counter() - window_start, progress)
                     window, window_start = MetricWindow(info.device), time.perf_counter()
                 self.on_step()
                 stop = self.step_end(preempt.received is not None)
@@ -318,14 +315,13 @@ class TrainerBase(abc.ABC):
         finally:
             preempt.restore()
             self.preempt = None
-            if bar is not None:
-                bar.close()
+            progress.close()
             if self.sink is not None:
                 self.sink.close()
             self.stream.close()
         return status
 
-    def _log(self, window: "MetricWindow", seconds: float, bar: Any) -> None:
+    def _log(self, window: "MetricWindow", seconds: float, progress: StepProgress) -> None:
         # Every rank logs the same keys at the same steps: one all-reduce sums them over the ranks. This is the
         # step's only read of the metrics by the host.
         self.sync_counters()
@@ -346,9 +342,7 @@ class TrainerBase(abc.ABC):
             self._runtime_logged = True
         assert self.sink is not None
         self.sink.log(self.step, record)
-        if bar is not None:
-            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "rec", "lpips", "d_loss", "lr", "samples_per_s")
-                             if k in record})
+        progress.log(self.step, record)
 
 
 def device_memory_record(device: torch.device) -> dict[str, float]:
@@ -438,7 +432,11 @@ def run_main(make_trainer: Callable[[Config, DistInfo, Path, Optional[str]], Tra
     args = parse_args(description, argv)
     cfg = config_from_args(args)
     run_dir = Path(args.run_dir or cfg.train.run_dir)
-    info = init_distributed(use_deepspeed=use_deepspeed)
+    try:
+        info = init_distributed(use_deepspeed=use_deepspeed, timeout=cfg.train.dist_timeout_minutes)
+    except DeviceLayoutError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return EXIT_CONFIG
     setup_logging(info.rank)
     status = EXIT_FAILED
     try:

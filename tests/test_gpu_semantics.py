@@ -258,3 +258,30 @@ def test_log_records_peak_gpu_memory_on_cuda_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 4 * 2**30)
     assert device_memory_record(torch.device("cuda", 1)) == {"gpu_mem_peak_gb": 3.0, "gpu_mem_reserved_gb": 4.0}
+
+
+@pytest.mark.parametrize("comm", ["fp32", "bf16"])
+def test_gradient_reduction_dtype_reaches_every_zero_stage(comm):
+    """Under torch_autocast, ZeRO 1-3 reduce each parameter's gradient in the dtype `lower_precision_safe_modules`
+    gives it and ignore `communication_data_type` (which ZeRO-0 uses): both must say the configured dtype."""
+    from launch.builders import deepspeed_config
+    from launch.config import load_config
+
+    for precision in ("bf16", "fp32"):
+        cfg = load_config(TINY, [f"train.deepspeed.grad_comm_dtype={comm}", f"train.precision={precision}"])
+        ds = deepspeed_config(cfg, 8)
+        assert ds["communication_data_type"] == comm
+        assert ds["torch_autocast"]["enabled"] == (precision == "bf16")
+        if comm == "fp32":
+            assert ds["torch_autocast"]["lower_precision_safe_modules"] == []
+        else:  # DeepSpeed's default list (Linear, Conv) in bf16
+            assert "lower_precision_safe_modules" not in ds["torch_autocast"]
+
+
+@pytest.mark.slow
+def test_bf16_gradient_reduction_trains_on_two_ranks(digit_shards, tmp_path):
+    proc = _torchrun("launch/train.py", ["--config", TINY, "--run-dir", str(tmp_path / "run"), "--set",
+                                         f"data.shards={digit_shards}", "--set", "train.max_steps=2",
+                                         "--set", "train.precision=bf16", "--set", "train.sample_every=0",
+                                         "--set", "train.deepspeed.grad_comm_dtype=bf16"], 2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
