@@ -43,8 +43,7 @@ METRICS = ("fid", "is", "kid", "pr")
 PART_RE = re.compile(r"^part_(\d{8})_(\d{8})\.npz$")
 
 __all__ = ["EvalSettings", "MergedSamples", "evaluate", "evaluate_checkpoint", "generate_parts", "merge_parts",
-           "save_samples_npz", "score",
-           "done_indices", "rank_batches", "dist_env", "main"]
+           "save_samples_npz", "score", "done_indices", "rank_batches", "dist_env", "main"]
 
 
 @dataclass
