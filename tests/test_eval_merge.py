@@ -202,6 +202,13 @@ def test_classifier_metrics_in_chunks_equal_all_at_once(tmp_path, monkeypatch):
     old = legacy_merge_parts(parts, 1100)
     assert new == clf.metrics(torch.from_numpy(old["images"]).permute(0, 3, 1, 2), labels)
     assert set(new) == {"digits_n", "digits_accuracy", "digits_fd", "digits_classifier_heldout_accuracy"}
+    # what score() runs for --classifier mnist (labels only for a 10-class model)
+    import eval.mnist_classifier
+
+    monkeypatch.setattr(eval.mnist_classifier, "get_classifier", lambda data=None: clf)
+    assert score(merged, EvalSettings(num_samples=1100, metrics=(), classifier="mnist"), None, 10) == new
+    assert "digits_accuracy" not in score(merged, EvalSettings(num_samples=1100, metrics=(), classifier="mnist"),
+                                          None, 0)
 
 
 def test_reference_images_are_featurized_in_chunks(tmp_path, small_chunks):
