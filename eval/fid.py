@@ -6,9 +6,11 @@
 Sample i of N has seed ``sample_seed(seed, i)`` and class ``i % num_classes`` and is generated on rank
 ``i % world``, so the sample set does not depend on the number of ranks. Each rank writes its own part files
 (``OUT/parts/part_FIRST_LAST.npz``: global indices, labels, uint8 images, Inception features), atomically; a rerun
-with the same settings skips the samples already on disk. Rank 0 merges the parts and scores them with
-torch-fidelity's Inception / metric functions, and writes ``metrics.json`` (every setting that changes the number),
-``grid.png`` and, with ``--save-npz``, ADM-format ``samples.npz`` (arr_0 uint8 NHWC, arr_1 labels).
+with the same settings skips the samples already on disk. Rank 0 merges the parts' indices, labels and features
+(images stay on disk and are read in chunks where needed, so its memory does not grow with the image size), scores
+them with torch-fidelity's Inception / metric functions, and writes ``metrics.json`` (every setting that changes the
+number), ``grid.png`` and, with ``--save-npz``, ADM-format ``samples.npz`` (arr_0 uint8 NHWC, arr_1 labels),
+streamed in index order.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,14 +35,15 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from eval import inception  # noqa: E402
 from eval.metrics import (atomic_save_npz, fid_statistics, frechet_distance, inception_score, kid,  # noqa: E402
                           load_reference, precision_recall)
+from eval.npzio import NpyMember, save_npz_streamed  # noqa: E402
 
 log = logging.getLogger("eval.fid")
 
 METRICS = ("fid", "is", "kid", "pr")
 PART_RE = re.compile(r"^part_(\d{8})_(\d{8})\.npz$")
 
-__all__ = ["EvalSettings", "evaluate", "evaluate_checkpoint", "generate_parts", "merge_parts", "score",
-           "done_indices", "rank_batches", "dist_env", "main"]
+__all__ = ["EvalSettings", "MergedSamples", "evaluate", "evaluate_checkpoint", "generate_parts", "merge_parts",
+           "save_samples_npz", "score", "done_indices", "rank_batches", "dist_env", "main"]
 
 
 @dataclass
@@ -183,45 +186,169 @@ def generate_parts(gen: Any, settings: EvalSettings, parts_dir: Path, rank: int,
     return {"generated": count, "generation_s": t_gen, "features_s": t_feat}
 
 
-def merge_parts(parts_dir: Path, num_samples: int) -> Dict[str, np.ndarray]:
-    """Samples 0..N-1 from the part files, sorted by index; an error names the first missing index."""
-    chunks: List[Dict[str, np.ndarray]] = []
+# Rank 0 holds per-sample scalars and Inception features of all N samples (FID-50K: 50,000 x (2048 + 1008) float32,
+# 0.6 GB) but never all images (10 GB at 256 px, 39 GB at 512 px): those are read from the part files in chunks.
+CHUNK_BYTES = 256 << 20  # images per chunk read for featurizing / samples.npz: about this many bytes
+SMALL_KEYS = ("index", "labels", "pool", "logits")  # the members merged into memory (what scoring needs)
+
+
+class MergedSamples(dict):
+    """Samples 0..N-1 of a part directory in index order: a dict of the small per-sample arrays (``index``,
+    ``labels`` and, when every part has them, Inception ``pool`` / ``logits``); images are read from the part files
+    on demand (:meth:`images`, :meth:`iter_images`)."""
+
+    def __init__(self, parts: List[Path], part_of: np.ndarray, row_of: np.ndarray, members: Sequence[str]):
+        super().__init__()
+        self.parts, self.part_of, self.row_of = parts, part_of, row_of
+        self.members = frozenset(members)  # members every contributing part has
+        self._layout: Optional[Tuple[Tuple[int, ...], np.dtype]] = None  # (H, W, C), dtype of the images
+
+    @property
+    def num_samples(self) -> int:
+        """N."""
+        return len(self.part_of)
+
+    def _positions_by_part(self, positions: np.ndarray) -> Iterator[Tuple[int, np.ndarray]]:
+        """(part id, positions into ``positions``) for each part holding some of the samples at ``positions``."""
+        pid = self.part_of[positions]
+        order = np.argsort(pid, kind="stable")
+        bounds = np.flatnonzero(np.diff(pid[order])) + 1
+        for grp in np.split(order, bounds):
+            if len(grp):
+                yield int(pid[grp[0]]), grp
+
+    def image_layout(self) -> Tuple[Tuple[int, ...], np.dtype]:
+        """((H, W, C), dtype) of the images (read from one part's header)."""
+        if "images" not in self.members:
+            raise RuntimeError(f"{self.parts[0].parent}: part files without images")
+        if self._layout is None:
+            with NpyMember(self.parts[int(self.part_of[0])], "images") as m:
+                self._layout = (m.shape[1:], m.dtype)
+        return self._layout
+
+    def images(self, start: int, stop: int) -> np.ndarray:
+        """uint8 images [stop - start, H, W, C] of samples ``start:stop``, read from their part files."""
+        start, stop, _ = slice(start, stop).indices(self.num_samples)
+        shape, dtype = self.image_layout()
+        out = np.empty((max(0, stop - start),) + shape, dtype=dtype)
+        positions = np.arange(start, max(start, stop))
+        for p, grp in self._positions_by_part(positions):
+            rows = self.row_of[positions[grp]]
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            with NpyMember(self.parts[p], "images") as m:
+                if m.shape[1:] != shape or m.dtype != dtype:
+                    raise RuntimeError(f"{self.parts[p]}: images {m.dtype} {m.shape[1:]}, other parts {dtype} {shape}")
+                out[grp] = m.read(lo, hi)[rows - lo]
+        return out
+
+    def image_chunk(self, multiple_of: int = 1) -> int:
+        """Images per chunk of :meth:`iter_images`: about ``CHUNK_BYTES``, a multiple of ``multiple_of``."""
+        shape, dtype = self.image_layout()
+        per = max(1, CHUNK_BYTES // max(1, int(np.prod(shape)) * dtype.itemsize))
+        return max(1, per // multiple_of) * multiple_of
+
+    def iter_images(self, chunk: int) -> Iterator[np.ndarray]:
+        """All images in index order, ``chunk`` at a time."""
+        for s in range(0, self.num_samples, chunk):
+            yield self.images(s, s + chunk)
+
+
+def save_samples_npz(merged: MergedSamples, path: Union[str, os.PathLike]) -> Path:
+    """ADM-format ``samples.npz`` (arr_0 uint8 NHWC images, arr_1 labels) in index order, streamed from the parts."""
+    shape, dtype = merged.image_layout()
+    labels = merged["labels"]
+    return save_npz_streamed(path, [("arr_0", (merged.num_samples,) + shape, dtype,
+                                     merged.iter_images(merged.image_chunk())),
+                                    ("arr_1", labels.shape, labels.dtype, [labels])])
+
+
+def merge_parts(parts_dir: Path, num_samples: int) -> MergedSamples:
+    """Samples 0..N-1 from the part files, sorted by index; an error names the first missing index.
+
+    Only ``index`` of every part is read to choose each sample's source (the first part, in file-name order, that
+    holds it); then the members in ``SMALL_KEYS`` that every contributing part has are gathered. Images stay on disk.
+    """
+    paths: List[Path] = []
+    index_l, part_l, row_l, members = [], [], [], []
     for p in sorted(parts_dir.iterdir()):
         if not PART_RE.match(p.name):
             continue
         with np.load(p, allow_pickle=False) as z:
-            d = {k: z[k] for k in z.files}
-        keep = d["index"] < num_samples
-        if keep.any():
-            chunks.append({k: v[keep] for k, v in d.items()})
-    if not chunks:
+            index, files = z["index"], set(z.files)
+        keep = np.flatnonzero(index < num_samples)
+        if keep.size:
+            index_l.append(index[keep])
+            part_l.append(np.full(keep.size, len(paths), dtype=np.int64))
+            row_l.append(keep)
+            members.append(files)
+            paths.append(p)
+    if not paths:
         raise RuntimeError(f"{parts_dir}: no samples")
-    index = np.concatenate([c["index"] for c in chunks])
+    index = np.concatenate(index_l)
     order = np.argsort(index, kind="stable")
-    index = index[order]
-    uniq, first = np.unique(index, return_index=True)
+    uniq, first = np.unique(index[order], return_index=True)
     if len(uniq) < num_samples:
         missing = sorted(set(range(num_samples)) - set(uniq.tolist()))
         raise RuntimeError(f"{parts_dir}: {len(missing)} of {num_samples} samples missing (first: {missing[0]})")
-    keys = set.intersection(*(set(c) for c in chunks))
-    out = {}
-    for k in keys:
-        out[k] = np.concatenate([c[k] for c in chunks])[order][first]
-    return out
+    src = order[first]
+    merged = MergedSamples(paths, np.concatenate(part_l)[src], np.concatenate(row_l)[src], set.intersection(*members))
+    keys = [k for k in SMALL_KEYS if k in merged.members]
+    positions = np.arange(num_samples)
+    for p, grp in merged._positions_by_part(positions):
+        rows = merged.row_of[grp]
+        with np.load(paths[p], allow_pickle=False) as z:
+            for k in keys:
+                a = z[k]
+                if k not in merged:
+                    merged[k] = np.empty((num_samples,) + a.shape[1:], dtype=a.dtype)
+                elif merged[k].shape[1:] != a.shape[1:]:
+                    raise RuntimeError(f"{paths[p]}: {k} has shape {a.shape[1:]} per sample, other parts "
+                                       f"{merged[k].shape[1:]}")
+                elif merged[k].dtype != a.dtype:  # as np.concatenate would: promote
+                    merged[k] = merged[k].astype(np.result_type(merged[k].dtype, a.dtype))
+                merged[k][grp] = a[rows]
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
-def score(merged: Dict[str, np.ndarray], settings: EvalSettings, extractor: Optional[torch.nn.Module],
+def _nchw_batches(chunks: Iterable[np.ndarray], batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 [B, C, H, W] batches of ``batch_size`` (the last one shorter) from NHWC chunks of a multiple of it."""
+    for c in chunks:
+        yield from torch.from_numpy(c).permute(0, 3, 1, 2).split(batch_size)
+
+
+def _classifier_metrics(clf: Any, merged: MergedSamples, labels: Optional[torch.Tensor]) -> Dict[str, float]:
+    """``clf.metrics`` of all merged images, computed chunk by chunk (``eval.mnist_classifier.DigitClassifier``).
+
+    The chunk is the classifier's own prediction batch (500), so every image is scored in the batch it would be in
+    when all images are passed at once.
+    """
+    from eval.metrics import fid_statistics, frechet_distance
+
+    outs = [clf.predict(torch.from_numpy(c).permute(0, 3, 1, 2)) for c in merged.iter_images(500)]
+    logits, feats = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    out: Dict[str, float] = {"digits_n": merged.num_samples}
+    if labels is not None:
+        out["digits_accuracy"] = float((logits.argmax(1) == labels.cpu()).float().mean())
+    if merged.num_samples >= 2:
+        out["digits_fd"] = frechet_distance(fid_statistics(feats), clf.real_stats)
+    out["digits_classifier_heldout_accuracy"] = float(clf.info["heldout_accuracy"])
+    return out
+
+
+def score(merged: MergedSamples, settings: EvalSettings, extractor: Optional[torch.nn.Module],
           num_classes: int) -> Dict[str, Any]:
-    """The requested metrics of merged samples (features are computed here for parts that lack them)."""
+    """The requested metrics of merged samples (features are computed here, chunk by chunk, when a part lacks
+    them; then for all samples, so every number comes from one extractor)."""
     res: Dict[str, Any] = {}
     if settings.metrics:
         if "pool" not in merged:
             if extractor is None:
                 raise RuntimeError("Inception features are needed but no extractor is loaded")
-            imgs = torch.from_numpy(merged["images"]).permute(0, 3, 1, 2)
-            feats = inception.extract_features(extractor, imgs, batch_size=settings.batch_size)
+            chunks = merged.iter_images(merged.image_chunk(multiple_of=settings.batch_size))
+            feats = inception.extract_features(extractor, _nchw_batches(chunks, settings.batch_size))
             merged["pool"], merged["logits"] = feats[inception.POOL].numpy(), feats[inception.LOGITS].numpy()
+            del feats
         pool = torch.from_numpy(merged["pool"])
         need_feats = any(m in settings.metrics for m in ("kid", "pr"))
         ref = None
@@ -230,7 +357,8 @@ def score(merged: Dict[str, np.ndarray], settings: EvalSettings, extractor: Opti
                 t = torch.from_numpy(arr).permute(0, 3, 1, 2)
                 return inception.extract_features(extractor, t, settings.batch_size)[inception.POOL].numpy()
 
-            ref = load_reference(settings.ref, need_features=need_feats, featurize=featurize)
+            ref = load_reference(settings.ref, need_features=need_feats, featurize=featurize,
+                                 batch_size=settings.batch_size)
             res["reference"] = ref.info
         if "fid" in settings.metrics:
             res["fid"] = frechet_distance(fid_statistics(pool), {"mu": ref.mu, "sigma": ref.sigma})
@@ -244,9 +372,8 @@ def score(merged: Dict[str, np.ndarray], settings: EvalSettings, extractor: Opti
         from eval.mnist_classifier import get_classifier
 
         clf = get_classifier(settings.classifier_data)
-        imgs = torch.from_numpy(merged["images"]).permute(0, 3, 1, 2)
         labels = torch.from_numpy(merged["labels"]) if num_classes == 10 else None
-        res.update(clf.metrics(imgs, labels))
+        res.update(_classifier_metrics(clf, merged, labels))
     return res
 
 
@@ -348,10 +475,10 @@ def evaluate(gen: Any, meta: Dict[str, Any], settings: EvalSettings, out: Union[
     from launch.visuals import save_image_grid
 
     if settings.grid > 0:
-        n = min(settings.grid, len(merged["images"]))
-        save_image_grid(merged["images"][:n], out / "grid.png", nrow=int(np.ceil(np.sqrt(n))))
+        n = min(settings.grid, merged.num_samples)
+        save_image_grid(merged.images(0, n), out / "grid.png", nrow=int(np.ceil(np.sqrt(n))))
     if settings.save_npz:
-        atomic_save_npz(out / "samples.npz", arr_0=merged["images"], arr_1=merged["labels"])
+        save_samples_npz(merged, out / "samples.npz")
         record["samples_npz"] = str(out / "samples.npz")
     tmp = out / f".tmp-{os.getpid()}-metrics.json"
     tmp.write_text(json.dumps(record, indent=1, default=str))

@@ -19,6 +19,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+REFERENCE_CHUNK_BYTES = 256 << 20  # reference images featurized per call: about this many bytes
+
 __all__ = ["Reference", "fid_statistics", "frechet_distance", "inception_score", "kid", "precision_recall",
            "load_reference", "save_reference", "atomic_save_npz"]
 
@@ -122,9 +124,17 @@ def save_reference(path: Union[str, os.PathLike], pool: Union[torch.Tensor, np.n
 
 
 def load_reference(path: Union[str, os.PathLike], need_features: bool = False,
-                   featurize: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Reference:
+                   featurize: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                   batch_size: int = 64) -> Reference:
     """Read a reference ``.npz`` (ours or ADM's). ``featurize(arr_0 uint8 NHWC) -> pool features`` is used when
-    ``mu``/``sigma`` (or, with ``need_features``, the features) are missing but images are there."""
+    ``mu``/``sigma`` (or, with ``need_features``, the features) are missing but images are there.
+
+    Members are read only when needed (an ADM file's images are not read for FID). Images are passed to
+    ``featurize`` in chunks of a multiple of ``batch_size`` images (about ``REFERENCE_CHUNK_BYTES``), so a
+    ``featurize`` that batches by ``batch_size`` sees the batches one call on all images would.
+    """
+    from eval.npzio import NpyMember
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {path} not found (make them with eval/reference.py)")
@@ -133,26 +143,32 @@ def load_reference(path: Union[str, os.PathLike], need_features: bool = False,
         keys = set(data.files)
     except Exception as err:  # noqa: BLE001
         raise ValueError(f"{path}: not a readable .npz ({type(err).__name__}: {err})") from err
-    info: Dict[str, Any] = {"path": str(path.resolve())}
-    if "info" in keys:
-        info.update(json.loads(str(data["info"])))
-    pool = data["pool"].astype(np.float32) if "pool" in keys else None
-    if pool is None and "arr_0" in keys and (need_features or not {"mu", "sigma"} <= keys):
-        if featurize is None:
-            raise ValueError(f"{path}: has images (arr_0) but no statistics, and no Inception network to featurize them")
-        imgs = data["arr_0"]
-        if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[-1] not in (1, 3):
-            raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, 3], got {imgs.dtype} {imgs.shape}")
-        pool = np.asarray(featurize(imgs), dtype=np.float32)
-        info["features_from"] = "arr_0"
-    if {"mu", "sigma"} <= keys:
-        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-    elif pool is not None:
-        st = fid_statistics(pool)
-        mu, sigma = st["mu"], st["sigma"]
-    else:
-        raise ValueError(f"{path}: no reference statistics: expected keys mu and sigma (or pool / arr_0), "
-                         f"found {sorted(keys)}")
+    with data:
+        info: Dict[str, Any] = {"path": str(path.resolve())}
+        if "info" in keys:
+            info.update(json.loads(str(data["info"])))
+        pool = data["pool"].astype(np.float32, copy=False) if "pool" in keys else None
+        if pool is None and "arr_0" in keys and (need_features or not {"mu", "sigma"} <= keys):
+            if featurize is None:
+                raise ValueError(f"{path}: has images (arr_0) but no statistics, and no Inception network to "
+                                 f"featurize them")
+            with NpyMember(path, "arr_0") as imgs:
+                if imgs.dtype != np.uint8 or len(imgs.shape) != 4 or imgs.shape[-1] not in (1, 3):
+                    raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, 3], got {imgs.dtype} {imgs.shape}")
+                chunk = max(1, REFERENCE_CHUNK_BYTES // max(1, imgs.row_bytes) // batch_size) * batch_size
+                parts = [np.asarray(featurize(imgs.read(s, s + chunk)), dtype=np.float32)
+                         for s in (range(0, len(imgs), chunk) or [0])]
+            pool = np.concatenate(parts) if len(parts) != 1 else parts[0]
+            del parts
+            info["features_from"] = "arr_0"
+        if {"mu", "sigma"} <= keys:
+            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        elif pool is not None:
+            st = fid_statistics(pool)
+            mu, sigma = st["mu"], st["sigma"]
+        else:
+            raise ValueError(f"{path}: no reference statistics: expected keys mu and sigma (or pool / arr_0), "
+                             f"found {sorted(keys)}")
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a [D] / [D, D] pair")
     if need_features and pool is None:

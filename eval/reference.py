@@ -80,15 +80,24 @@ def iter_folder_images(root: Union[str, os.PathLike]) -> Iterator[Tuple[np.ndarr
         yield _to_rgb_array(p), 0
 
 
-def iter_npz_images(path: Union[str, os.PathLike]) -> Iterator[Tuple[np.ndarray, int]]:
-    """(uint8 [H, W, C], label) of an ADM-format sample file (``arr_0`` images, optional ``arr_1`` labels)."""
-    data = np.load(path, allow_pickle=False)
-    if "arr_0" not in data.files:
-        raise ValueError(f"{path}: no arr_0 (ADM sample batch) in the file; keys {data.files}")
-    imgs = data["arr_0"]
-    labels = data["arr_1"] if "arr_1" in data.files else np.zeros(len(imgs), dtype=np.int64)
-    for img, lab in zip(imgs, labels):
-        yield img, int(lab)
+def iter_npz_images(path: Union[str, os.PathLike], chunk: int = 256) -> Iterator[Tuple[np.ndarray, int]]:
+    """(uint8 [H, W, C], label) of an ADM-format sample file (``arr_0`` images, optional ``arr_1`` labels).
+
+    Images are read ``chunk`` at a time, never the whole array (50,000 images at 256 px are 10 GB).
+    """
+    from eval.npzio import iter_member_rows
+
+    with np.load(path, allow_pickle=False) as data:
+        if "arr_0" not in data.files:
+            raise ValueError(f"{path}: no arr_0 (ADM sample batch) in the file; keys {data.files}")
+        labels = data["arr_1"] if "arr_1" in data.files else None
+    n = 0
+    for imgs in iter_member_rows(path, "arr_0", chunk):
+        for img in imgs:
+            if labels is not None and n >= len(labels):  # as zip(images, labels): as many as both have
+                return
+            yield img, int(labels[n]) if labels is not None else 0
+            n += 1
 
 
 def batched_chw(items: Iterator[Tuple[np.ndarray, int]], batch_size: int,
