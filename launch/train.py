@@ -313,7 +313,7 @@ class Trainer(TrainerBase):
             sampler=e.sampler, steps=e.steps, eta=e.eta, cfg_scale=e.cfg_scale if self.num_classes else 1.0,
             guide_channels=e.guide_channels, guidance_interval=e.guidance_interval, seed=e.seed, dtype=e.dtype,
             metrics=tuple(e.metrics), ref=e.ref, inception_weights=e.inception_weights, classifier=e.classifier,
-            classifier_data=self.cfg.data.shards if e.classifier else None)
+            classifier_data=self.cfg.data.shards if e.classifier else None, tf32=self.cfg.train.tf32)
         if record is not None:
             scalars = {f"eval_{k}": float(v) for k, v in record["metrics"].items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
