@@ -205,5 +205,8 @@ def get_classifier(shards: Optional[Union[str, os.PathLike]] = None, cache_dir: 
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     save_file(state, str(tmp), metadata={"info": json.dumps(info)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files
     os.replace(tmp, path)
     return DigitClassifier(net, stats, info)

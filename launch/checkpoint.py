@@ -19,7 +19,6 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from launch.distributed import barrier
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,21 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None
+                            ) -> None:
+    """Write a safetensors file under a temporary name and rename it into place, with the mode other files get
+    (0666 minus the umask: safetensors itself creates 0600 files)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 
@@ -79,11 +93,15 @@ def read_meta(ckpt: Path) -> dict:
     """The `meta.json` of a checkpoint directory; raises CheckpointError naming the path when unusable."""
     path = Path(ckpt) / META_FILE
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{ckpt}: not a checkpoint directory (no {META_FILE})") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({err})") from None
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8, not JSON
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(err).__name__}: "
+                              f"{str(err)[:160]})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata is not a JSON object")
+    return meta
 
 
 def find_latest(root: Path) -> Optional[Path]:
@@ -119,17 +137,21 @@ def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
     return path
 
 
-def begin_save(root: Path, step: int, is_main: bool) -> Path:
-    """Create the temporary directory every rank writes the checkpoint of `step` into (collective)."""
+def tmp_dir(root: Path, step: int) -> Path:
+    """The temporary directory the checkpoint of `step` is written into before it is renamed."""
+    return Path(root) / f".tmp-{step_dir_name(step)}"
+
+
+def begin_save(root: Path, step: int) -> Path:
+    """Rank 0: create the temporary directory every rank writes the checkpoint of `step` into (after removing
+    any left by a run killed while saving). The caller makes the ranks wait for it."""
     root = Path(root)
-    tmp = root / f".tmp-{step_dir_name(step)}"
-    if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step_*"):
-            shutil.rmtree(stale, ignore_errors=True)  # left by a run that was killed while saving
-        tmp.mkdir()
-        (tmp / "rank").mkdir()
-    barrier()
+    tmp = tmp_dir(root, step)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    (tmp / "rank").mkdir()
     return tmp
 
 
@@ -144,26 +166,52 @@ def load_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
     path = Path(ckpt) / "rank" / f"rank_{rank:05d}.pt"
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: no state for rank {rank} ({path.name} missing)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_tensors_file(path)
 
 
-def finish_save(root: Path, tmp: Path, step: int, meta: dict, keep_last: int, is_main: bool,
+def load_tensors_file(path: Path) -> Any:
+    """`torch.load(path, weights_only=True)` (never runs code from the file) with a one-line CheckpointError
+    naming the file when it is not a plain tensor file (a planted pickle payload, a truncated or foreign file)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling raises many types; all mean "not our file"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: not a plain tensor file, refused ({type(err).__name__}: {first[:160]})") from None
+
+
+def load_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or a one-line CheckpointError naming it when it is not one."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad header
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: {first[:160]})") from None
+
+
+def step_dir(root: Path, step: int) -> Path:
+    """Final directory of the checkpoint of `step` under `root`."""
+    return Path(root) / step_dir_name(step)
+
+
+def finish_save(root: Path, tmp: Path, step: int, meta: dict, keep_last: int,
                 write_extra: Optional[Callable[[Path], None]] = None) -> Path:
-    """Complete a checkpoint (collective): rank 0 writes meta, renames it into place, updates `latest`, prunes."""
+    """Rank 0, once every rank wrote its part: write the extra files and meta, rename the checkpoint into place,
+    update `latest`, prune old ones. The caller makes the ranks agree before and after."""
     root = Path(root)
-    final = root / step_dir_name(step)
-    barrier()  # every rank has written its part
-    if is_main:
-        if write_extra is not None:
-            write_extra(tmp)
-        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
-        _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. preemption right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        atomic_write_text(root / LATEST_FILE, final.name + "\n")
-        for _, old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    final = step_dir(root, step)
+    if write_extra is not None:
+        write_extra(tmp)
+    atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
+    _fsync_dir(tmp)
+    if final.exists():  # a re-save of the same step (e.g. preemption right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    atomic_write_text(root / LATEST_FILE, final.name + "\n")
+    for _, old in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
     return final

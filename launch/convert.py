@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -131,17 +129,10 @@ def _config_from_diffusers_weights(sd: dict[str, torch.Tensor], num_heads: Optio
 
 def write_safetensors(sd: dict[str, torch.Tensor], out: Path, metadata: dict[str, Any]) -> None:
     """Write atomically (temp file in the same directory, then rename)."""
-    from safetensors.torch import save_file
+    from launch.checkpoint import atomic_save_safetensors
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata={METADATA_KEY: json.dumps(metadata)})
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save_safetensors(sd, out, metadata={METADATA_KEY: json.dumps(metadata)})
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -151,7 +151,7 @@ def _jsonable(value: Any) -> Any:
 
 def save(engine: Any, ckpt_dir: Path, rank: int) -> None:
     """Write this rank's fragments into `ckpt_dir/optim/` (every rank calls it; ZeRO-0: rank 0 writes)."""
-    from safetensors.torch import save_file
+    from launch.checkpoint import atomic_save_safetensors
 
     if _stage(engine) == 0 and rank != 0:
         return
@@ -159,7 +159,7 @@ def save(engine: Any, ckpt_dir: Path, rank: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"{f.name}|{key}|{f.start}": f.views[key].detach().to("cpu", torch.float32).contiguous()
                for f in local_fragments(engine) for key in KEYS}
-    save_file(tensors, str(out / f"rank_{rank:05d}.safetensors"), metadata={"format": "ditstack-optim-1"})
+    atomic_save_safetensors(tensors, out / f"rank_{rank:05d}.safetensors", metadata={"format": "ditstack-optim-1"})
 
 
 class _Index:

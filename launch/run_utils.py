@@ -172,11 +172,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop records after `max_step` (a resumed run rewrites what came after its checkpoint)."""
+    """Drop records after `max_step` (a resumed run rewrites what came after its checkpoint), and the partial-window
+    record a run that ended at `max_step` wrote (the resumed run logs that window in full)."""
     path = Path(path)
     if not path.is_file():
         return
-    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
+    keep = [r for r in read_jsonl(path)
+            if r.get("step", 0) < max_step or (r.get("step", 0) == max_step and not r.get("partial_window"))]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, path)

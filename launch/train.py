@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -252,15 +251,17 @@ class Trainer(TrainerBase):
         self._ema_state = None
 
     def load_state(self, path: Path, meta: dict) -> None:
-        from safetensors.torch import load_file
-
         if "optimizer" not in meta:
             raise ckpt_io.CheckpointError(f"{path}: meta.json has no optimizer record")
         try:
             optimizer_state.load(self.engine, path, meta["optimizer"])
         except optimizer_state.StateError as err:
             raise ckpt_io.CheckpointError(str(err)) from None
-        self.ema.load_full_state_dict(load_file(str(path / ckpt_io.EMA_FILE)), pending=meta.get("ema_pending", 0))
+        ema_file = path / ckpt_io.EMA_FILE
+        try:
+            self.ema.load_full_state_dict(ckpt_io.load_safetensors_file(ema_file), pending=meta.get("ema_pending", 0))
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise ckpt_io.CheckpointError(f"{ema_file}: EMA weights do not fit this model ({err})") from None
 
     def export_ema(self, out: Path) -> None:
         """Write the EMA weights as one consolidated safetensors file (collective)."""
@@ -457,11 +458,7 @@ class Trainer(TrainerBase):
 
 def _save_safetensors(state: dict[str, torch.Tensor], path: Path, header: dict[str, Any]) -> None:
     """Write EMA weights with the `ditstack` metadata, atomically."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(".tmp-" + path.name)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"ditstack": json.dumps(header)})
-    os.replace(tmp, path)
+    ckpt_io.atomic_save_safetensors(state, path, metadata={"ditstack": json.dumps(header)})
 
 
 # ------------------------------------------------------------------------------------------------ entry point

@@ -182,16 +182,20 @@ class VAETrainer(TrainerBase):
                  state_dict=self.export_module().state_dict(), extra={"ema": self.ema is not None})
 
     def load_state(self, path: Path, meta: dict) -> None:
-        from launch.checkpoint import CheckpointError
+        from launch.checkpoint import CheckpointError, load_tensors_file
 
         file = path / STATE_FILE
         if not file.is_file():
             raise CheckpointError(f"{path}: no {STATE_FILE}; not a VAE training checkpoint")
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.disc.load_state_dict(state["disc"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        state = load_tensors_file(file)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.disc.load_state_dict(state["disc"])
+            self.opt_g.load_state_dict(state["opt_g"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{file}: not a VAE trainer state of this model ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:160]})") from None
         if self.ema is not None:
             if state.get("ema") is None:
                 log.warning("%s has no EMA: the EMA starts from the current weights", path)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from launch.builders import batch_layout, data_record
 from launch.config import Config, ConfigError, add_config_args, config_from_args, config_to_dict
 from launch.distributed import DeviceLayoutError, DistInfo, barrier, cleanup, init_distributed
 from launch.progress import StepProgress
+from launch.run_lock import RunLock, RunLockBusy
 from launch.run_utils import (EXIT_FAILED, EXIT_PREEMPTED, MetricsSink, PreemptionFlag, rng_state,
                               seed_everything, set_rng_state, setup_logging, truncate_jsonl)
 
@@ -129,6 +131,7 @@ class TrainerBase(abc.ABC):
         self.preempt: Optional[PreemptionFlag] = None  # set while `run` trains
         self._stop_agreed: Optional[bool] = None  # the step's preemption verdict, when `agree_finite` carried it
         self._runtime_logged = False
+        self.window: Optional[MetricWindow] = None  # metrics since the last log line (restored on resume)
 
     # ----------------------------------------------------------------------------------------- subclass API
     @abc.abstractmethod
@@ -198,9 +201,16 @@ class TrainerBase(abc.ABC):
             self.nonfinite_total = int(self.meta.get("nonfinite_steps", 0))
             if self.meta.get("world_size") == self.info.world_size:
                 state = ckpt_io.load_rank_state(self.resume_from, self.info.rank)
-                set_rng_state(state["rng"])
-                self.gen.set_state(state["gen"])
-                self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+                try:
+                    set_rng_state(state["rng"])
+                    self.gen.set_state(state["gen"])
+                    self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+                    window = json.loads(state.get("window") or "null")
+                except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                    raise ckpt_io.CheckpointError(f"{self.resume_from}/rank/rank_{self.info.rank:05d}.pt: not a "
+                                                  f"rank state of this trainer ({type(err).__name__}: {err})") from None
+                if window is not None:
+                    self.window = MetricWindow.from_state(window, self.info.device)
             else:
                 reseed = self.cfg.train.seed + self.info.rank + 7919 * self.step
                 seed_everything(reseed)
@@ -230,20 +240,40 @@ class TrainerBase(abc.ABC):
                 "runtime": self.run_record(), **self.model_meta()}
 
     def save(self) -> Path:
-        """Write a complete checkpoint of the current step (collective); refuses non-finite weights."""
+        """Write a complete checkpoint of the current step (collective); refuses non-finite weights.
+
+        A write that fails on any rank (a full disk, the run directory gone) stops every rank with one line naming
+        the file; the partial checkpoint is removed and the last complete one stays `latest`."""
         self.sync_counters()
         if not all_ranks_true(self.weights_finite(), self.info.device):
             raise TrainingStopped(f"non-finite weights at step {self.step}: refusing to write a checkpoint")
-        tmp = ckpt_io.begin_save(self.ckpt_root, self.step, self.info.is_main)
-        self.save_state(tmp)
-        ckpt_io.save_rank_state(tmp, self.info.rank, {
+        tmp = ckpt_io.tmp_dir(self.ckpt_root, self.step)
+        failure = _attempt(lambda: ckpt_io.begin_save(self.ckpt_root, self.step)) if self.info.is_main else None
+        self._agree_or_raise(failure, tmp)
+        failure = _attempt(lambda: self.save_state(tmp))
+        failure = failure or _attempt(lambda: ckpt_io.save_rank_state(tmp, self.info.rank, {
             "rng": rng_state(), "gen": self.gen.get_state(), "position": json.dumps(self.stream.position()),
-            "step": self.step, "bad_in_a_row": self.bad_in_a_row})
+            "step": self.step, "bad_in_a_row": self.bad_in_a_row,
+            # the metrics since the last log line: a resumed run logs the same means an uninterrupted one does
+            "window": json.dumps(self.window.state() if self.window is not None else None)}))
+        self._agree_or_raise(failure, tmp)
         meta = self.checkpoint_meta()
-        final = ckpt_io.finish_save(self.ckpt_root, tmp, self.step, meta, self.cfg.train.keep_last,
-                                    self.info.is_main, write_extra=self.write_files)
+        final = ckpt_io.step_dir(self.ckpt_root, self.step)
+        if self.info.is_main:
+            failure = _attempt(lambda: ckpt_io.finish_save(self.ckpt_root, tmp, self.step, meta,
+                                                           self.cfg.train.keep_last, write_extra=self.write_files))
+        self._agree_or_raise(failure, tmp)
         log.info("checkpoint written: %s", final)
         return final
+
+    def _agree_or_raise(self, failure: Optional[OSError], tmp: Path) -> None:
+        """Every rank learns whether any rank failed to write its part (collective); then all raise."""
+        if all_ranks_true(failure is None, self.info.device):
+            return
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise failure if failure is not None else CheckpointWriteError(
+            f"{tmp}: another rank could not write its part of the checkpoint (see its log)")
 
     # ------------------------------------------------------------------------------------------- training
     def bad_step(self, what: str) -> None:
@@ -283,18 +313,25 @@ class TrainerBase(abc.ABC):
         preempt = self.preempt = PreemptionFlag()
         progress = StepProgress(total=cfg.train.max_steps, initial=self.step, desc=self.NAME,
                                 enabled=info.is_main and cfg.train.progress)
-        window = MetricWindow(info.device)
-        window_start = time.perf_counter()
+        if self.window is None:
+            self.window = MetricWindow(info.device)
+        window_start, timed_steps = time.perf_counter(), 0
         last_saved = self.step if self.resume_from else -1
         status = 0
         try:
             while self.step < cfg.train.max_steps:
                 self._stop_agreed = None
-                window.add(self.train_step())
+                self.window.add(self.train_step())
+                timed_steps += 1
                 progress.update(1)
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                    self._log(window, time.perf_counter() - window_start, progress)
-                    window, window_start = MetricWindow(info.device), time.perf_counter()
+                if self.step % cfg.train.log_every == 0:
+                    self._log(self.window, timed_steps, time.perf_counter() - window_start, progress)
+                    self.window, window_start, timed_steps = MetricWindow(info.device), time.perf_counter(), 0
+                elif self.step == cfg.train.max_steps:
+                    # the last, partial window is shown but kept (and checkpointed): a run extended from here
+                    # logs the same full window at the next multiple of log_every as an uninterrupted run, and
+                    # drops this record when it resumes
+                    self._log(self.window, timed_steps, time.perf_counter() - window_start, progress, partial=True)
                 self.on_step()
                 stop = self.step_end(preempt.received is not None)
                 if self.step == cfg.train.max_steps:
@@ -321,12 +358,13 @@ class TrainerBase(abc.ABC):
             self.stream.close()
         return status
 
-    def _log(self, window: "MetricWindow", seconds: float, progress: StepProgress) -> None:
+    def _log(self, window: "MetricWindow", steps: int, seconds: float, progress: StepProgress,
+             partial: bool = False) -> None:
         # Every rank logs the same keys at the same steps: one all-reduce sums them over the ranks. This is the
         # step's only read of the metrics by the host.
         self.sync_counters()
         record: dict[str, Any] = window.reduce(self.info.world_size > 1 and dist.is_initialized())
-        steps = window.steps
+        # throughput from the steps this process timed (a resumed window holds steps from before the restart)
         samples_per_s = steps * self.cfg.train.global_batch_size / max(seconds, 1e-9)
         record.update({"samples_per_s": samples_per_s, "step_time": seconds / max(steps, 1),
                        "epoch": self.stream.position().get("epoch", 0), "nonfinite_steps": self.nonfinite_total,
@@ -337,6 +375,8 @@ class TrainerBase(abc.ABC):
         if self.flops_per_sample and self.peak_flops:
             record["mfu"] = samples_per_s * self.flops_per_sample / (self.peak_flops * self.info.world_size)
         record.update(device_memory_record(self.info.device))
+        if partial:
+            record["partial_window"] = True
         if not self._runtime_logged:  # the first record of each process says how it computes
             record["runtime"] = self.run_record()
             self._runtime_logged = True
@@ -391,6 +431,20 @@ class MetricWindow:
                 self._sums[key] = self._sums.get(key, 0.0) + (float(value) if ok else 0.0)
                 self._counts[key] = self._counts.get(key, 0.0) + (1.0 if ok else 0.0)
 
+    def state(self) -> dict[str, Any]:
+        """The window as JSON-able numbers (reads the device; for checkpoints)."""
+        return {"steps": self.steps, "sums": {k: float(v) for k, v in self._sums.items()},
+                "counts": {k: float(v) for k, v in self._counts.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> "MetricWindow":
+        """A window continuing from `state()`."""
+        window = cls(device)
+        window.steps = int(state["steps"])
+        window._sums = {k: float(v) for k, v in state["sums"].items()}
+        window._counts = {k: float(v) for k, v in state["counts"].items()}
+        return window
+
     def reduce(self, all_ranks: bool) -> dict[str, float]:
         """Means over the window (and over every rank when `all_ranks`; collective then); keys without a
         finite value are left out."""
@@ -439,13 +493,18 @@ def run_main(make_trainer: Callable[[Config, DistInfo, Path, Optional[str]], Tra
         return EXIT_CONFIG
     setup_logging(info.rank)
     status = EXIT_FAILED
+    lock: Optional[RunLock] = None
     try:
+        problem = None
         if info.is_main:
-            import yaml
-
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        barrier()
+            try:
+                lock = prepare_run_dir(run_dir, cfg)
+            except (RunDirError, RunLockBusy) as err:
+                problem = str(err)
+        if not all_ranks_true(problem is None, info.device):  # every rank stops, rank 0 says why
+            if problem is not None:
+                log.error("%s", problem)
+            return EXIT_CONFIG
         trainer = make_trainer(cfg, info, run_dir, args.resume)
         status = trainer.run()
         if status == 0:
@@ -459,9 +518,88 @@ def run_main(make_trainer: Callable[[Config, DistInfo, Path, Optional[str]], Tra
     except (TrainingStopped, NoReadableSamplesError) as err:
         log.error("training stopped: %s", err)
         status = EXIT_FAILED
+    except OSError as err:  # the run directory removed, unwritable or full while training
+        log.error("%s", describe_os_error(err, run_dir))
+        status = EXIT_CONFIG
     finally:
+        if lock is not None:
+            lock.release()
         cleanup()
     return status
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint write failed on another rank (its log names the file)."""
+
+
+def _attempt(write: Callable[[], Any]) -> Optional[OSError]:
+    """Run a checkpoint write; a failure comes back as an OSError naming the file (None on success).
+
+    torch.save and safetensors report a full disk as RuntimeError ("unexpected pos ...") or SafetensorError: those
+    are turned into ENOSPC when the filesystem is full, so the message says so."""
+    import errno
+
+    try:
+        write()
+    except OSError as err:
+        return err
+    except Exception as err:  # noqa: BLE001 - serialisers wrap the OS error in their own types
+        text = str(err)
+        if "code: 28" in text or "No space left" in text or "unexpected pos" in text:
+            return OSError(errno.ENOSPC, "No space left on device", _filename_in(text))
+        raise
+    return None
+
+
+def _filename_in(text: str) -> Optional[str]:
+    import re
+
+    match = re.search(r"(/[^\s'\"]+)", text)
+    return match.group(1) if match else None
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used, in one line naming it."""
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config) -> RunLock:
+    """Rank 0 before training: create the run directory, take its lock (one trainer per directory, see
+    launch/run_lock.py) and write the resolved config.yaml. Raises `RunDirError` / `RunLockBusy` (one line)."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir}: exists and is not a directory (--run-dir / train.run_dir)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"run directory {run_dir}: cannot create it ({err.strerror or err})") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RunDirError(f"run directory {run_dir}: not writable by this user")
+    try:
+        lock = RunLock(run_dir).acquire()
+    except OSError as err:
+        raise RunDirError(f"run directory {run_dir}: cannot create its lock file ({err.strerror or err})") from None
+    try:
+        ckpt_io.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    except OSError as err:
+        lock.release()
+        raise RunDirError(f"run directory {run_dir}: cannot write config.yaml ({err.strerror or err})") from None
+    return lock
+
+
+def describe_os_error(err: OSError, run_dir: Path) -> str:
+    """One line for a file-system failure during training: which file, and the cause in words."""
+    import errno
+
+    where = err.filename or run_dir
+    if not Path(run_dir).is_dir():
+        return f"run directory {run_dir} disappeared while training ({err.strerror or err}: {where})"
+    if err.errno == errno.ENOSPC:
+        free = shutil.disk_usage(run_dir).free / 2**20
+        return (f"{where}: no space left on device ({free:.0f} MB free under {run_dir}); the last complete "
+                f"checkpoint is intact: free space, then --resume auto")
+    return f"{where}: {err.strerror or err}"
 
 
 def exit_now(status: int) -> None:

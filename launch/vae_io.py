@@ -102,8 +102,6 @@ def save_vae(path: str | os.PathLike, model: AutoencoderKL, *, image_size: Optio
 
     The file is written under a temporary name and renamed, so a reader never sees a partial file.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     sd = state_dict if state_dict is not None else model.state_dict()
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in sd.items()}
@@ -123,9 +121,9 @@ def save_vae(path: str | os.PathLike, model: AutoencoderKL, *, image_size: Optio
     if extra:
         meta.update(extra)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
+    from launch.checkpoint import atomic_save_safetensors
+
+    atomic_save_safetensors(tensors, path, metadata={METADATA_KEY: json.dumps(meta)})
     return path
 
 

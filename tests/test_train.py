@@ -317,3 +317,19 @@ def test_one_rank_zero0_skips_an_inf_gradient_step_and_keeps_training(small_shar
     assert meta["ema_pending"] == 1  # steps 1 and 3 applied, step 2 skipped; folded in at step 2, pending since
     exported = weights(run / "model_ema.safetensors")
     assert all(torch.isfinite(v).all() for v in exported.values())
+
+
+@pytest.mark.slow
+def test_logged_loss_curve_is_the_same_after_a_resume_between_log_steps(small_shards, tmp_path):
+    """The checkpoint (step 6) falls between log steps (every 4): the resumed run must log the same window means
+    at 8 and 12 as an uninterrupted run (the window since step 4 is part of the checkpoint), and the partial
+    window logged at the end of the first half is replaced."""
+    common = ("train.ckpt_every=6", "train.log_every=4", "train.ema_decay=0.5")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_train(straight, small_shards, "train.max_steps=12", *common)
+    run_train(split, small_shards, "train.max_steps=6", *common)
+    assert sorted(losses(split)) == [4, 6]  # the partial window [5, 6] is shown at the end of the first run
+    run_train(split, small_shards, "train.max_steps=12", *common, resume="auto")
+    a, b = losses(straight), losses(split)
+    assert sorted(a) == sorted(b) == [4, 8, 12]
+    assert all(abs(a[s] - b[s]) <= 1e-6 for s in a), (a, b)

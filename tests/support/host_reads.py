@@ -17,7 +17,6 @@ import sys
 import traceback
 from pathlib import Path
 
-import torch
 from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[2]
