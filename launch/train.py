@@ -25,6 +25,7 @@ import torch.distributed as dist
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported: silences its accelerator probe
 
+from data_pipeline.loader import NoReadableSamplesError
 from launch import checkpoint as ckpt_io
 from launch import optimizer_state
 from launch.builders import deepspeed_config, diffusion_kwargs, latent_record, model_kwargs
@@ -32,8 +33,8 @@ from launch.config import Config, ConfigError
 from launch.deferred import DeferredReadback
 from launch.distributed import DistInfo
 from launch.engine_ema import EngineEMA
-from launch.tf32 import configure_tf32
 from launch.run_utils import fault_step
+from launch.tf32 import configure_tf32
 from launch.trainer_base import TrainerBase, TrainingStopped, exit_now, run_main
 
 log = logging.getLogger("launch.train")
@@ -196,6 +197,7 @@ class Trainer(TrainerBase):
         self._generator = None  # EMA model + VAE for grids and evaluation, built on first use
         self._nan_from, self._nan_weight_at = fault_step("nan_loss_from"), fault_step("nan_weight_at")  # tests
         self._inf_grad_at = fault_step("inf_grad_at")
+        self._data_failure: Optional[str] = None  # why this rank has no data (see `_next_batch`)
         if cfg.train.eval_every and cfg.eval.metrics:  # fail now, not hours into the run
             from eval.inception import resolve_weights
 
@@ -210,6 +212,7 @@ class Trainer(TrainerBase):
         self.nonfinite_count = torch.tensor(self.nonfinite_total, dtype=torch.long, device=dev)
         self._applied = torch.ones((), dtype=torch.bool, device=dev)
         self._signal_flag = torch.zeros((), dtype=torch.float64, device=dev)
+        self._data_flag = torch.zeros((), dtype=torch.float64, device=dev)
         self._flags = DeferredReadback()
         # The CPU may read step values on the host where that saves work (they are computed already); on a GPU
         # the step never reads one (tests/support/host_reads.py checks it with this set as on a GPU).
@@ -356,7 +359,7 @@ class Trainer(TrainerBase):
 
         A non-finite loss is multiplied into its own backward as NaN, so this rank's gradients become NaN, the
         gradient reduction carries that to every rank, and every rank skips the optimizer step."""
-        x, y = next(self.iterator)
+        x, y = self._next_batch()
         x = x.to(self.info.device, non_blocking=True)
         y = y.to(self.info.device, non_blocking=True)
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=self.info.device, generator=self.gen)
@@ -368,10 +371,26 @@ class Trainer(TrainerBase):
         loss = self.diffusion.training_losses(self._model_fn, x, t, model_kwargs=kwargs, noise=noise)["loss"].mean()
         if self._nan_from is not None and self.step + 1 >= self._nan_from:
             loss = loss * float("nan")  # fault injection for the tests
+        if self._data_failure is not None:
+            loss = loss * float("nan")  # this rank has no data: every rank skips the step, then all stop together
         loss = loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))  # x1 when finite: the same gradient
         with contextlib.nullcontext() if self.reduce_grads else self.engine.no_sync():
             self.engine.backward(loss)
         return loss.detach()
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro batch; on a rank whose data is unreadable, a placeholder batch (the failure is carried
+        to every rank through the step flags, see `step_end`, instead of this rank dying alone mid-collective)."""
+        if self._data_failure is None:
+            try:
+                return next(self.iterator)
+            except NoReadableSamplesError as err:
+                if self.info.world_size == 1:
+                    raise
+                self._data_failure = f"rank {self.info.rank}: {err}"
+        shape = (self.micro, self.model_kwargs["in_channels"], self.model_kwargs["input_size"],
+                 self.model_kwargs["input_size"])
+        return torch.zeros(shape), torch.zeros(self.micro, dtype=torch.long)
 
     def _check_and_clip(self) -> Optional[torch.Tensor]:
         """ZeRO-0, before the optimizer step: the grad norm of the full gradients, clipped in place.
@@ -427,7 +446,8 @@ class Trainer(TrainerBase):
         The verdict is one step late: the flags of step k (signal on any rank, the run of skipped steps) are
         all-reduced on the device and copied to the host asynchronously, and read after step k+1 is queued."""
         self._signal_flag.fill_(1.0 if signal_received else 0.0)  # a kernel argument: no host-to-device copy
-        flags = torch.stack([self._signal_flag, self.bad_run.double()])
+        self._data_flag.fill_(1.0 if self._data_failure is not None else 0.0)
+        flags = torch.stack([self._signal_flag, self.bad_run.double(), self._data_flag])
         if self.info.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         previous = self._flags.take()
@@ -442,6 +462,10 @@ class Trainer(TrainerBase):
         if flags is None:
             return False
         signal, bad_run = flags[0] > 0, int(flags[1])
+        if flags[2] > 0:  # some rank has no readable data: every rank stops here, with that rank's reason
+            reasons: list[Optional[str]] = [None] * self.info.world_size
+            dist.all_gather_object(reasons, self._data_failure)
+            raise NoReadableSamplesError("; ".join(r for r in reasons if r))
         if bad_run:
             log.warning("step %d: non-finite loss or gradient, optimizer step skipped (%d in a row)", step, bad_run)
             if bad_run >= self.cfg.train.max_bad_steps:

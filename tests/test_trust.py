@@ -265,3 +265,38 @@ def test_safetensors_files_get_the_same_mode_as_other_files(tmp_path):
         os.umask(umask)
     assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o644
+
+
+# ---------------------------------------------------------------------------------------------- one rank's data
+def _corrupt_payloads(shard: Path) -> int:
+    """Overwrite every image payload of a tar shard with junk of the same length (headers stay valid)."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith((".png", ".jpg", ".npy"))]
+    data = bytearray(shard.read_bytes())
+    for offset, size in members:
+        data[offset: offset + size] = bytes((i * 37 + 11) % 256 for i in range(size))
+    shard.write_bytes(bytes(data))
+    return len(members)
+
+
+@pytest.mark.slow
+def test_a_rank_without_readable_data_stops_every_rank_with_one_line(tmp_path):
+    shards = tmp_path / "shards"
+    proc = run_entry(["data_pipeline/make_shards.py", "--source", "mnist", "--out", str(shards), "--shard-size", "16",
+                      "--max-samples", "32"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bad = sorted(shards.glob("*.tar"))[1]
+    assert _corrupt_payloads(bad) == 16
+    port = str(20000 + (os.getpid() * 11 + int(time.time() * 1000)) % 20000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
+           *train_args(tmp_path / "run", shards, "train.max_steps=4", "train.global_batch_size=4",
+                       "data.shuffle_buffer=4")]
+    done = subprocess.run(cmd, cwd=ROOT, env=entry_env(), capture_output=True, text=True, timeout=600)
+    err = done.stdout + done.stderr
+    assert done.returncode != 0
+    lines = [line for line in err.splitlines() if "training stopped" in line]
+    assert {"r0", "r1"} == {line.split("]")[0].split()[-1] for line in lines}, err[-3000:]  # both ranks, one line
+    assert all(bad.name in line and "rank" in line for line in lines), lines
+    assert "Connection closed" not in err and "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err
