@@ -30,6 +30,25 @@ def run_entry(args: list[str], timeout: float = 600, **env: str) -> subprocess.C
                           timeout=timeout)
 
 
+def torchrun_cmd(script: str, args: list[str], nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run` of `script` on `nproc` local ranks, on a port of its own."""
+    import time
+
+    port = str(20000 + (os.getpid() * 7 + int(time.time() * 1000)) % 20000)
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", port,
+            script, *args]
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    """64 MNIST digits in 4 shards: an epoch is 8 steps of global batch 8, so short runs cross epochs."""
+    out = tmp_path_factory.mktemp("small_shards")
+    proc = run_entry(["data_pipeline/make_shards.py", "--source", "mnist", "--out", str(out),
+                      "--shard-size", "16", "--max-samples", "64"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 @pytest.fixture(scope="session")
 def mnist_shards(tmp_path_factory) -> Path:
     """Image shards of the embedded MNIST digits (made once per test session)."""

@@ -15,24 +15,15 @@ from tests.conftest import run_entry
 TINY = "configs/runs/tiny_test.yaml"
 
 
-@pytest.fixture(scope="module")
-def digit_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    proc = run_entry(["data_pipeline/make_shards.py", "--source", "mnist", "--out", str(out), "--shard-size", "16",
-                      "--max-samples", "64"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 3])
-def test_bf16_training_matmuls_run_in_bf16_with_the_gpu_autocast_query(stage, digit_shards, tmp_path):
+def test_bf16_training_matmuls_run_in_bf16_with_the_gpu_autocast_query(stage, small_shards, tmp_path):
     """On a GPU the no-argument `torch.is_autocast_enabled()` reads the engine device's autocast state; DeepSpeed
     then turned an autocast opened around `engine(...)` off inside the engine, and bf16 runs trained in fp32.
     Emulated: the query reads the CPU's state (tests/support/gpu_autocast_semantics.py)."""
     out = tmp_path / "matmuls.json"
     proc = run_entry(["tests/support/gpu_autocast_semantics.py", str(out), "--", "--config", TINY,
-                      "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={digit_shards}",
+                      "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={small_shards}",
                       "--set", "train.max_steps=2", "--set", "train.precision=bf16",
                       "--set", f"train.deepspeed.zero_stage={stage}", "--set", "train.sample_every=0"])
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -43,11 +34,11 @@ def test_bf16_training_matmuls_run_in_bf16_with_the_gpu_autocast_query(stage, di
 
 
 @pytest.mark.slow
-def test_fp32_training_matmuls_stay_fp32_with_the_gpu_autocast_query(digit_shards, tmp_path):
+def test_fp32_training_matmuls_stay_fp32_with_the_gpu_autocast_query(small_shards, tmp_path):
     """The same emulation with precision fp32: nothing is cast (the autocast section is off)."""
     out = tmp_path / "matmuls.json"
     proc = run_entry(["tests/support/gpu_autocast_semantics.py", str(out), "--", "--config", TINY,
-                      "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={digit_shards}",
+                      "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={small_shards}",
                       "--set", "train.max_steps=1", "--set", "train.precision=fp32",
                       "--set", "train.deepspeed.zero_stage=0", "--set", "train.sample_every=0"],
                      DIT_NATIVE_KERNELS="0")
@@ -57,12 +48,12 @@ def test_fp32_training_matmuls_stay_fp32_with_the_gpu_autocast_query(digit_shard
 
 
 @pytest.mark.slow
-def test_bf16_sample_grids_show_each_new_ema_snapshot(digit_shards, tmp_path):
+def test_bf16_sample_grids_show_each_new_ema_snapshot(small_shards, tmp_path):
     """bf16 grids come from a bf16 copy of the EMA model; with `ema_decay: 0` every step's EMA is the new weights,
     so the grids of consecutive steps must differ (a stale copy made them byte-identical)."""
     run = tmp_path / "run"
     proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(run), "--set",
-                      f"data.shards={digit_shards}", "--set", "train.max_steps=3", "--set", "train.precision=bf16",
+                      f"data.shards={small_shards}", "--set", "train.max_steps=3", "--set", "train.precision=bf16",
                       "--set", "train.deepspeed.zero_stage=0", "--set", "train.sample_every=1",
                       "--set", "train.ema_decay=0.0", "--set", "train.lr=0.05", "--set", "sample.steps=3"])
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -116,17 +107,12 @@ def test_mfu_peak_per_gpu_and_precision(monkeypatch, name, precision, tf32, tflo
 
 # ------------------------------------------------------------------------------------------------ resize a job
 def _torchrun(script: str, args: list[str], nproc: int, timeout: float = 600):
-    import os
     import subprocess
-    import sys
-    import time
 
-    from tests.conftest import ROOT, entry_env
+    from tests.conftest import ROOT, entry_env, torchrun_cmd
 
-    port = str(20000 + (os.getpid() * 13 + int(time.time() * 1000)) % 20000)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", port, script,
-           *args]
-    return subprocess.run(cmd, cwd=ROOT, env=entry_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(torchrun_cmd(script, args, nproc), cwd=ROOT, env=entry_env(), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def _full_state(folder: Path, shapes: dict) -> dict:
@@ -149,12 +135,12 @@ def _full_state(folder: Path, shapes: dict) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("written,loaded", [((2, 2), (1, 2)), ((1, 3), (2, 3)), ((2, 1), (1, 3)), ((2, 3), (1, 0))])
-def test_optimizer_state_loads_on_another_number_of_ranks_and_stage(written, loaded, digit_shards, tmp_path):
+def test_optimizer_state_loads_on_another_number_of_ranks_and_stage(written, loaded, small_shards, tmp_path):
     """A checkpoint of N ranks at ZeRO stage s loads on M ranks at stage t with the very same fp32 master weights,
     Adam moments, step and LR schedule (DeepSpeed's own checkpoints raise ZeRORuntimeException there)."""
     (n, s), (m, t) = written, loaded
     run = tmp_path / "run"
-    common = ["--config", TINY, "--run-dir", str(run), "--set", f"data.shards={digit_shards}", "--set",
+    common = ["--config", TINY, "--run-dir", str(run), "--set", f"data.shards={small_shards}", "--set",
               "train.precision=fp32", "--set", "train.sample_every=0", "--set", "train.warmup_steps=10"]
     proc = _torchrun("launch/train.py", common + ["--set", "train.max_steps=3", "--set", "train.ckpt_every=3",
                                                   "--set", f"train.deepspeed.zero_stage={s}"], n)
@@ -177,10 +163,10 @@ def test_optimizer_state_loads_on_another_number_of_ranks_and_stage(written, loa
 
 
 @pytest.mark.slow
-def test_zero2_run_of_two_ranks_resumes_on_one(digit_shards, tmp_path):
+def test_zero2_run_of_two_ranks_resumes_on_one(small_shards, tmp_path):
     """The reproduction of the issue: ZeRO-2 written by 2 ranks, `--resume auto` on 1 rank trains on (exit 0)."""
     run = tmp_path / "run"
-    common = ["--config", TINY, "--run-dir", str(run), "--set", f"data.shards={digit_shards}",
+    common = ["--config", TINY, "--run-dir", str(run), "--set", f"data.shards={small_shards}",
               "--set", "train.sample_every=0", "--set", "train.deepspeed.zero_stage=2", "--set", "train.log_every=1"]
     proc = _torchrun("launch/train.py", common + ["--set", "train.max_steps=3"], 2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -193,7 +179,7 @@ def test_zero2_run_of_two_ranks_resumes_on_one(digit_shards, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
 
 
-def test_training_batches_are_pinned_for_a_gpu(monkeypatch, digit_shards):
+def test_training_batches_are_pinned_for_a_gpu(monkeypatch, small_shards):
     """Host-to-device copies are asynchronous only from pinned memory: a GPU rank's stream pins its batches (with
     data-loader workers, the DataLoader's pinning thread does; without, the stream itself). Emulated: a CUDA
     device in DistInfo and a pin_memory that records the call."""
@@ -202,13 +188,13 @@ def test_training_batches_are_pinned_for_a_gpu(monkeypatch, digit_shards):
     from launch.distributed import DistInfo
     from launch.trainer_base import stream_options
 
-    cfg = load_config(TINY, [f"data.shards={digit_shards}", "data.num_workers=0"])
+    cfg = load_config(TINY, [f"data.shards={small_shards}", "data.num_workers=0"])
     gpu = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0), backend="nccl")
     cpu = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
     assert stream_options(cfg, gpu, 8)["pin_memory"] is True and stream_options(cfg, cpu, 8)["pin_memory"] is False
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(self.shape) or self)
-    stream = build_stream(str(digit_shards), **stream_options(cfg, gpu, 8))
+    stream = build_stream(str(small_shards), **stream_options(cfg, gpu, 8))
     x, y = next(iter(stream))
     assert pinned == [x.shape, y.shape]
     stream.close()
@@ -216,14 +202,14 @@ def test_training_batches_are_pinned_for_a_gpu(monkeypatch, digit_shards):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_a_zero0_training_step_never_reads_a_device_value_on_the_host(precision, digit_shards, tmp_path):
+def test_a_zero0_training_step_never_reads_a_device_value_on_the_host(precision, small_shards, tmp_path):
     """On a GPU every host read of a tensor value (`float(loss)`, `.item()`, `.tolist()`, a tensor in an `if`)
     waits until the device has run everything queued before it. The step (two accumulated micro batches, active
     clipping, the end-of-step flags) must make none: tests/support/host_reads.py records them on the CPU with
     the trainer's host reads switched off as on a GPU. (ZeRO 1-3 read the gradient norm inside DeepSpeed.)"""
     out = tmp_path / "reads.json"
     proc = run_entry(["tests/support/host_reads.py", str(out), "3", "--", "--config", TINY,
-                      "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={digit_shards}",
+                      "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={small_shards}",
                       "--set", "train.deepspeed.zero_stage=0", "--set", f"train.precision={precision}",
                       "--set", "train.grad_clip=0.01", "--set", "train.micro_batch_size=4"])
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -279,9 +265,9 @@ def test_gradient_reduction_dtype_reaches_every_zero_stage(comm):
 
 
 @pytest.mark.slow
-def test_bf16_gradient_reduction_trains_on_two_ranks(digit_shards, tmp_path):
+def test_bf16_gradient_reduction_trains_on_two_ranks(small_shards, tmp_path):
     proc = _torchrun("launch/train.py", ["--config", TINY, "--run-dir", str(tmp_path / "run"), "--set",
-                                         f"data.shards={digit_shards}", "--set", "train.max_steps=2",
+                                         f"data.shards={small_shards}", "--set", "train.max_steps=2",
                                          "--set", "train.precision=bf16", "--set", "train.sample_every=0",
                                          "--set", "train.deepspeed.grad_comm_dtype=bf16"], 2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -13,25 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, entry_env, run_entry
+from tests.conftest import ROOT, entry_env, run_entry, torchrun_cmd
 
 TINY = "configs/runs/tiny_test.yaml"
 
 
-@pytest.fixture(scope="module")
-def small_shards(tmp_path_factory) -> Path:
-    """64 MNIST digits in 4 shards: an epoch is 8 steps of global batch 8, so short runs cross epochs."""
-    out = tmp_path_factory.mktemp("small_shards")
-    proc = run_entry(["data_pipeline/make_shards.py", "--source", "mnist", "--out", str(out),
-                      "--shard-size", "16", "--max-samples", "64"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
-
-
 def torchrun(args: list[str], nproc: int = 2, **env: str) -> subprocess.Popen:
-    port = str(20000 + (os.getpid() * 7 + int(time.time() * 1000)) % 20000)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", port,
-           "launch/train.py", *args]
+    cmd = torchrun_cmd("launch/train.py", args, nproc)
     return subprocess.Popen(cmd, cwd=ROOT, env=entry_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -333,3 +321,28 @@ def test_logged_loss_curve_is_the_same_after_a_resume_between_log_steps(small_sh
     a, b = losses(straight), losses(split)
     assert sorted(a) == sorted(b) == [4, 8, 12]
     assert all(abs(a[s] - b[s]) <= 1e-6 for s in a), (a, b)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_passes_the_requeue_status_through(small_shards, tmp_path):
+    """torchrun turns a worker's exit 3 into its own exit 1 (with its ChildFailedError report); the `deepspeed`
+    launcher (like srun) passes it through, so a requeue that depends on 3 works under it (README)."""
+    run = tmp_path / "ds_launcher"
+    port = str(21000 + os.getpid() % 9000)
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port,
+           "launch/train.py", "--config", TINY, "--run-dir", str(run), "--set", f"data.shards={small_shards}",
+           "--set", "train.max_steps=400", "--set", "train.ckpt_every=1000", "--set", "train.log_every=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=entry_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    log = run / "log.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (log.is_file() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    assert log.is_file(), "training never logged a step"
+    workers = subprocess.run(["pgrep", "-f", f"launch/train.py.*{run}"], capture_output=True, text=True).stdout.split()
+    workers = [int(w) for w in workers if int(w) != proc.pid]
+    assert workers
+    os.kill(max(workers), signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 3, out[-4000:]
+    assert "stopped by signal" in out

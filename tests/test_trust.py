@@ -16,18 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, entry_env, run_entry
+from tests.conftest import ROOT, entry_env, run_entry, torchrun_cmd
 
 TINY = "configs/runs/tiny_test.yaml"
-
-
-@pytest.fixture(scope="module")
-def digit_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    proc = run_entry(["data_pipeline/make_shards.py", "--source", "mnist", "--out", str(out), "--shard-size", "16",
-                      "--max-samples", "64"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
 
 
 def train_args(run: Path, shards: Path, *sets: str) -> list[str]:
@@ -55,9 +46,9 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def one_checkpoint(digit_shards, tmp_path_factory) -> Path:
+def one_checkpoint(small_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("ckpt") / "run"
-    proc = run_entry(train_args(run, digit_shards, "train.max_steps=2", "train.ckpt_every=2"))
+    proc = run_entry(train_args(run, small_shards, "train.max_steps=2", "train.ckpt_every=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
@@ -74,14 +65,14 @@ def _plant(path: Path, marker: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["meta.json", "ema.safetensors", "optim/rank_00000.safetensors",
                                   "rank/rank_00000.pt"])
-def test_a_payload_planted_in_any_checkpoint_file_never_runs(name, one_checkpoint, digit_shards, tmp_path):
+def test_a_payload_planted_in_any_checkpoint_file_never_runs(name, one_checkpoint, small_shards, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(one_checkpoint, run)
     marker = tmp_path / "PAYLOAD_RAN"
     target = run / "checkpoints" / "step_0000002" / name
     _plant(target, marker)
     resume = "auto" if name != "meta.json" else str(target.parent)  # auto skips a checkpoint without valid meta
-    proc = run_entry(train_args(run, digit_shards, "train.max_steps=3") + ["--resume", resume])
+    proc = run_entry(train_args(run, small_shards, "train.max_steps=3") + ["--resume", resume])
     assert not marker.exists(), "the payload ran"
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert name.split("/")[-1] in last_line(proc.stderr), proc.stderr[-2000:]
@@ -89,7 +80,7 @@ def test_a_payload_planted_in_any_checkpoint_file_never_runs(name, one_checkpoin
 
 
 @pytest.mark.slow
-def test_tampered_files_are_one_line_errors(one_checkpoint, digit_shards, tmp_path):
+def test_tampered_files_are_one_line_errors(one_checkpoint, small_shards, tmp_path):
     for name, mangle in [("rank/rank_00000.pt", lambda b: b[: len(b) // 2]),
                          ("ema.safetensors", lambda b: b[:100] + b"\0" * 64 + b[164:]),
                          ("optim/rank_00000.safetensors", lambda b: b[:50])]:
@@ -97,7 +88,7 @@ def test_tampered_files_are_one_line_errors(one_checkpoint, digit_shards, tmp_pa
         shutil.copytree(one_checkpoint, run)
         target = run / "checkpoints" / "step_0000002" / name
         target.write_bytes(mangle(target.read_bytes()))
-        proc = run_entry(train_args(run, digit_shards, "train.max_steps=3") + ["--resume", "auto"])
+        proc = run_entry(train_args(run, small_shards, "train.max_steps=3") + ["--resume", "auto"])
         assert proc.returncode == 2, (name, proc.stderr[-3000:])
         assert name.split("/")[-1] in last_line(proc.stderr) and "Traceback" not in proc.stderr, name
 
@@ -159,20 +150,20 @@ def _wait_for_log(run: Path, proc: subprocess.Popen, timeout: float = 300) -> No
 
 
 @pytest.mark.slow
-def test_second_trainer_on_a_busy_run_directory_stops_and_a_killed_holder_does_not_block(digit_shards, tmp_path):
+def test_second_trainer_on_a_busy_run_directory_stops_and_a_killed_holder_does_not_block(small_shards, tmp_path):
     run = tmp_path / "run"
-    holder = _start(train_args(run, digit_shards, "train.max_steps=100000", "train.log_every=1",
+    holder = _start(train_args(run, small_shards, "train.max_steps=100000", "train.log_every=1",
                                "train.ckpt_every=100000"))
     try:
         _wait_for_log(run, holder)
-        proc = run_entry(train_args(run, digit_shards, "train.max_steps=2") + ["--resume", "auto"])
+        proc = run_entry(train_args(run, small_shards, "train.max_steps=2") + ["--resume", "auto"])
         assert proc.returncode == 2, proc.stderr[-3000:]
         line = last_line(proc.stderr)
         assert f"pid {holder.pid}" in line and "in use by another trainer" in line and "since" in line, line
         assert holder.poll() is None  # the holder is undisturbed
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
-        proc = run_entry(train_args(run, digit_shards, "train.max_steps=2") + ["--resume", "auto"])
+        proc = run_entry(train_args(run, small_shards, "train.max_steps=2") + ["--resume", "auto"])
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "taking over the lock" in proc.stderr
     finally:
@@ -182,10 +173,10 @@ def test_second_trainer_on_a_busy_run_directory_stops_and_a_killed_holder_does_n
 
 # ---------------------------------------------------------------------------------------------- the run dir
 @pytest.mark.slow
-def test_run_dir_that_is_a_file_is_one_line(digit_shards, tmp_path):
+def test_run_dir_that_is_a_file_is_one_line(small_shards, tmp_path):
     target = tmp_path / "afile"
     target.write_text("x")
-    proc = run_entry(train_args(target, digit_shards, "train.max_steps=1"))
+    proc = run_entry(train_args(target, small_shards, "train.max_steps=1"))
     assert proc.returncode == 2 and "exists and is not a directory" in last_line(proc.stderr), proc.stderr[-2000:]
     assert target.read_text() == "x"
 
@@ -197,14 +188,14 @@ def _mount_tmpfs(where: Path, options: str) -> bool:
 
 
 @pytest.mark.slow
-def test_read_only_run_dir_is_one_line(digit_shards, tmp_path):
+def test_read_only_run_dir_is_one_line(small_shards, tmp_path):
     ro = tmp_path / "ro"
     mounted = _mount_tmpfs(ro, "ro,size=1m")
     if not mounted:  # not root: a mode-555 directory is read-only for this user
         ro.mkdir(exist_ok=True)
         ro.chmod(0o555)
     try:
-        proc = run_entry(train_args(ro / "run", digit_shards, "train.max_steps=1"))
+        proc = run_entry(train_args(ro / "run", small_shards, "train.max_steps=1"))
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert str(ro / "run") in last_line(proc.stderr) and "Traceback" not in proc.stderr
     finally:
@@ -213,24 +204,24 @@ def test_read_only_run_dir_is_one_line(digit_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(digit_shards, tmp_path):
+def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(small_shards, tmp_path):
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "size=24m"):
         pytest.skip("needs root to mount a small tmpfs (CI runs as root)")
     try:
         run = disk / "run"
-        proc = run_entry(train_args(run, digit_shards, "train.max_steps=2", "train.ckpt_every=2"))
+        proc = run_entry(train_args(run, small_shards, "train.max_steps=2", "train.ckpt_every=2"))
         assert proc.returncode == 0, proc.stderr[-2000:]
         free = shutil.disk_usage(disk).free
         (disk / "filler").write_bytes(b"\0" * max(0, free - 200_000))  # room for logs, not for a checkpoint
-        proc = run_entry(train_args(run, digit_shards, "train.max_steps=4", "train.ckpt_every=2")
+        proc = run_entry(train_args(run, small_shards, "train.max_steps=4", "train.ckpt_every=2")
                          + ["--resume", "auto"])
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert "no space left on device" in last_line(proc.stderr) and "Traceback" not in proc.stderr
         ckpts = run / "checkpoints"
         assert (ckpts / "latest").read_text().strip() == "step_0000002" and not list(ckpts.glob(".tmp-*"))
         (disk / "filler").unlink()
-        proc = run_entry(train_args(run, digit_shards, "train.max_steps=4", "train.ckpt_every=2")
+        proc = run_entry(train_args(run, small_shards, "train.max_steps=4", "train.ckpt_every=2")
                          + ["--resume", "auto"])
         assert proc.returncode == 0, proc.stderr[-3000:]
     finally:
@@ -238,9 +229,9 @@ def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(digit_shard
 
 
 @pytest.mark.slow
-def test_run_dir_deleted_mid_run_is_one_line(digit_shards, tmp_path):
+def test_run_dir_deleted_mid_run_is_one_line(small_shards, tmp_path):
     run = tmp_path / "run"
-    proc = _start(train_args(run, digit_shards, "train.max_steps=100000", "train.log_every=1",
+    proc = _start(train_args(run, small_shards, "train.max_steps=100000", "train.log_every=1",
                              "train.ckpt_every=100000"))
     try:
         _wait_for_log(run, proc)
@@ -289,11 +280,9 @@ def test_a_rank_without_readable_data_stops_every_rank_with_one_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     bad = sorted(shards.glob("*.tar"))[1]
     assert _corrupt_payloads(bad) == 16
-    port = str(20000 + (os.getpid() * 11 + int(time.time() * 1000)) % 20000)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
-           *train_args(tmp_path / "run", shards, "train.max_steps=4", "train.global_batch_size=4",
-                       "data.shuffle_buffer=4")]
-    done = subprocess.run(cmd, cwd=ROOT, env=entry_env(), capture_output=True, text=True, timeout=600)
+    args = train_args(tmp_path / "run", shards, "train.max_steps=4", "train.global_batch_size=4",
+                      "data.shuffle_buffer=4")
+    done = subprocess.run(torchrun_cmd(args[0], args[1:], 2), cwd=ROOT, env=entry_env(), capture_output=True, text=True, timeout=600)
     err = done.stdout + done.stderr
     assert done.returncode != 0
     lines = [line for line in err.splitlines() if "training stopped" in line]

@@ -44,18 +44,10 @@ class HostReads(TorchFunctionMode):
 
 def main() -> int:
     out, steps = Path(sys.argv[1]), int(sys.argv[2])
-    argv = sys.argv[sys.argv.index("--") + 1:]
-    from launch.config import config_from_args
-    from launch.distributed import cleanup, init_distributed
-    from launch.run_utils import setup_logging
-    from launch.train import Trainer
-    from launch.trainer_base import parse_args
+    from launch.distributed import cleanup
+    from tests.support.trainer_harness import build_trainer
 
-    args = parse_args("host reads", argv)
-    cfg = config_from_args(args)
-    info = init_distributed()
-    setup_logging(info.rank)
-    trainer = Trainer(cfg, info, Path(args.run_dir), args.resume)
+    trainer = build_trainer(sys.argv[sys.argv.index("--") + 1:])
     trainer.host_reads = False
     trainer.iterator = iter(trainer.stream)
     trainer.train_step()
@@ -65,7 +57,7 @@ def main() -> int:
         for _ in range(steps):
             trainer.train_step()
             trainer.step_end(False)
-    if info.is_main:
+    if trainer.info.is_main:
         out.write_text(json.dumps({"reads": mode.reads}))
     trainer.stream.close()
     cleanup()

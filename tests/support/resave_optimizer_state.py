@@ -19,19 +19,12 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     out = Path(sys.argv[1])
-    argv = sys.argv[sys.argv.index("--") + 1:]
     from launch import optimizer_state
-    from launch.config import config_from_args
-    from launch.distributed import barrier, cleanup, init_distributed
-    from launch.run_utils import setup_logging
-    from launch.train import Trainer
-    from launch.trainer_base import parse_args
+    from launch.distributed import barrier, cleanup
+    from tests.support.trainer_harness import build_trainer
 
-    args = parse_args("resave", argv)
-    cfg = config_from_args(args)
-    info = init_distributed()
-    setup_logging(info.rank)
-    trainer = Trainer(cfg, info, Path(args.run_dir), args.resume)
+    trainer = build_trainer(sys.argv[sys.argv.index("--") + 1:])
+    info = trainer.info
     optimizer_state.save(trainer.engine, out, info.rank)
     record = optimizer_state.describe(trainer.engine)
     if info.is_main:
