@@ -142,7 +142,7 @@ def _encode_shard(encode_fn: EncodeFn, reader: ShardReader, shard: int, in_manif
         n = w.num_samples
     if n == 0:
         out_path.unlink(missing_ok=True)
-    return {"name": out_path.name, "num_samples": n, "skipped": skipped, "shape": shape}
+    return {"name": out_path.name, "num_samples": n, "bytes": w.num_bytes, "skipped": skipped, "shape": shape}
 
 
 def encode_shards(encode_fn: EncodeFn, in_spec: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int = 0,
@@ -178,7 +178,8 @@ def encode_shards(encode_fn: EncodeFn, in_spec: str | os.PathLike, out_dir: str 
         raise ValueError(f"encode_fn returned latents of different shapes {sorted(shapes)}")
     signature = {"in": str(Path(paths[0]).parent.resolve()) if paths else str(in_spec), "stored": stored,
                  "vae": vae_name, "seed": seed, "scale_factor": scale_factor, "shards": len(paths)}
-    body = {"shards": [{"name": r["name"], "num_samples": r["num_samples"]} for r in results if r["num_samples"]],
+    body = {"shards": [{"name": r["name"], "num_samples": r["num_samples"], "bytes": r["bytes"]}
+                       for r in results if r["num_samples"]],
             "skipped": [s for r in results for s in r["skipped"]],
             "shape": list(shapes.pop()) if shapes else None,
             "s1": stats.s1.tolist() if stats.s1 is not None else None,
