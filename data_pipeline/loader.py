@@ -42,11 +42,12 @@ from .imaging import IMAGE_EXTS, decode_to_array
 from .manifest import ManifestError, ShardError, file_problem, load_spec, missing_files, name_list
 from .tario import ShardReader
 
-__all__ = ["ManifestError", "NoReadableSamplesError", "ShardError", "ShardStream", "build_stream"]
+__all__ = ["ManifestError", "NoReadableSamplesError", "STREAM_ERRORS", "ShardError", "ShardStream", "build_stream"]
 
 log = logging.getLogger(__name__)
 
 POSITION_VERSION = 1
+_MAX_SHARD_WARNINGS = 20  # per process: a wholly corrupt data set of 10,000 shards must not log 10,000 lines
 _POSITION_KEYS = ("seed", "world_size", "batch_size", "mode", "total", "shuffle_buffer", "flip")
 
 
@@ -62,7 +63,9 @@ class NoReadableSamplesError(RuntimeError):
         self.rank, self.epoch = rank, epoch
 
 
-_DATA_ERRORS = (NoReadableSamplesError, ManifestError)  # raised by a worker: re-raised as themselves
+# What iterating a stream can raise about the data, on one rank only (the others may be fine): a trainer carries it
+# to every rank. Raised in a DataLoader worker, they reach the training process as themselves.
+STREAM_ERRORS = (NoReadableSamplesError, ShardError)
 
 
 class _WorkerError:
@@ -288,8 +291,11 @@ class BatchMaker:
         except Exception as err:  # any decode failure is a corrupt sample, never a crash
             if shard not in self._warned:  # one warning per shard and process; the stream counts them all
                 self._warned.add(shard)
-                log.warning("%s: sample %d unreadable, skipped (%s); further unreadable samples of this shard are "
-                            "counted (corrupt_count), not logged", os.path.basename(self.paths[shard]), idx, err)
+                if len(self._warned) <= _MAX_SHARD_WARNINGS:
+                    last = len(self._warned) == _MAX_SHARD_WARNINGS
+                    log.warning("%s: sample %d unreadable, skipped (%s); further unreadable samples of this shard "
+                                "are counted (corrupt_count), not logged%s", os.path.basename(self.paths[shard]), idx,
+                                err, "; no more such warnings from this process" if last else "")
             return None
 
     def batch(self, g: int) -> Tuple[torch.Tensor, torch.Tensor, int, Tuple[Tuple[str, str], ...]]:
@@ -365,7 +371,7 @@ class _BatchDataset(IterableDataset):
         while True:
             try:
                 item = self.maker.batch(g)
-            except _DATA_ERRORS as err:
+            except STREAM_ERRORS as err:
                 if info is None:
                     raise
                 yield _WorkerError(err)  # in place of batch g: raised when the stream reaches it
@@ -387,7 +393,7 @@ class ShardStream:
                  world_size: int, num_workers: int, seed: int, mode: str, shuffle_buffer: int, flip: bool,
                  position: Optional[Dict[str, Any]] = None, pin_memory: bool = False, prefetch_factor: int = 2,
                  unavailable: Sequence[int] = ()):
-        if unavailable and mode != "resampled":
+        if len(unavailable) and mode != "resampled":
             raise ValueError("only resampled mode can skip shards that are missing on disk")
         available = None
         if len(unavailable):
@@ -465,7 +471,8 @@ class ShardStream:
             if len(problems) > 1:
                 also = (f"; {len(problems) - 1} more of this rank's shards do not match either: "
                         f"{name_list([os.path.basename(paths[j]) for j, _ in problems[1:]])}")
-            raise ShardError(f"{paths[k]}: {why}{also}; restore the files or remake the shards",
+            files = "the file" if len(problems) == 1 else "the files"
+            raise ShardError(f"{paths[k]}: {why}{also}; restore {files} or remake the shards",
                              [os.path.basename(paths[j]) for j, _ in problems])
         for k, why in problems:
             self._note_bad(os.path.basename(paths[k]), why)
@@ -563,8 +570,9 @@ def build_stream(spec: str | os.PathLike, *, batch_size: int, rank: int = 0, wor
             what = (f"{paths[missing[0]]}: listed in {where} but missing on disk" if len(missing) == 1 else
                     f"{len(missing)} of the {len(paths)} shards listed in {where} are missing on disk: "
                     f"{name_list(names)}")
-            hint = ("; restore them, remake the shards, or name the present ones with a brace pattern (resampled "
-                    "mode skips them)" if mode == "exact" else "; no shard is left to draw from")
+            them = "it" if len(missing) == 1 else "them"
+            hint = (f"; restore {them}, remake the shards, or name the present ones with a brace pattern (resampled "
+                    f"mode skips {them})" if mode == "exact" else "; no shard is left to draw from")
             raise ShardError(what + hint, names)
         log.warning("rank %d: %d of the %d shards listed in %s are missing on disk and are skipped (resampled "
                     "mode): %s", rank, len(missing), len(paths), where, name_list(names))

@@ -195,3 +195,26 @@ def test_corrupt_count_and_epoch_summary_match_the_samples_replaced(tmp_path, ca
     assert s.position()["corrupt_count"] == 37
     summary = [r.getMessage() for r in caplog.records if "replaced in epoch" in r.getMessage()]
     assert summary == ["rank 0: 37 corrupt sample(s) replaced in epoch 0 (37 since the run began)"]
+
+
+def test_encode_latents_refuses_missing_input_shards(shard_dir, tmp_path):
+    from data_pipeline.encode_latents import encode_shards
+
+    (shard_dir / "train-000002.tar").unlink()
+    out = tmp_path / "latents"
+    with pytest.raises(ShardError, match="1 of the 4 image shards listed in its manifest are missing on disk: "
+                                         "train-000002.tar$"):
+        encode_shards(lambda x: (x, x.abs() + 0.1), str(shard_dir), out, merge_timeout=5)
+    assert not list(out.glob("*.tar")) and not (out / MANIFEST_NAME).exists()
+
+
+def test_unreadable_sample_warnings_are_capped_per_process(tmp_path, caplog):
+    write_image_shards(tmp_path, [2] * 25)
+    for k in range(25):
+        garble(tmp_path / f"train-{k:06d}.tar", [2 * k, 2 * k + 1])
+    s = build_stream(str(tmp_path), batch_size=2, num_workers=0)
+    with caplog.at_level(logging.WARNING, logger=LOADER_LOG), pytest.raises(NoReadableSamplesError) as err:
+        take(s, 1)
+    warned = [r.getMessage() for r in caplog.records if "unreadable, skipped" in r.getMessage()]
+    assert len(warned) == 20 and warned[-1].endswith("no more such warnings from this process")
+    assert len(err.value.shards) == 25 and "train-000004.tar and 20 more" in str(err.value)
