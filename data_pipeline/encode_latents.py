@@ -97,8 +97,10 @@ def _encode_shard(encode_fn: EncodeFn, reader: ShardReader, shard: int, in_manif
     index = reader.index(shard)
     skipped = []
     if len(index.samples) < entry["num_samples"]:
-        skipped.append({"input": entry["name"], "reason": f"{entry['num_samples'] - len(index.samples)} samples "
-                        "missing (truncated or damaged shard)"})
+        reason = (f"{entry['num_samples'] - len(index.samples)} of its {entry['num_samples']} samples missing "
+                  f"({index.error or 'truncated or damaged shard'})")
+        log.warning("%s: %s; encoding the %d readable ones", reader.paths[shard], reason, len(index.samples))
+        skipped.append({"input": entry["name"], "reason": reason})
     size, channels = int(in_manifest["image_size"]), int(in_manifest["channels"])
     first = in_manifest.get("image_format", "png")
     exts = (first,) + tuple(e for e in IMAGE_EXTS if e != first)
@@ -142,7 +144,7 @@ def _encode_shard(encode_fn: EncodeFn, reader: ShardReader, shard: int, in_manif
         n = w.num_samples
     if n == 0:
         out_path.unlink(missing_ok=True)
-    return {"name": out_path.name, "num_samples": n, "skipped": skipped, "shape": shape}
+    return {"name": out_path.name, "num_samples": n, "bytes": w.num_bytes, "skipped": skipped, "shape": shape}
 
 
 def encode_shards(encode_fn: EncodeFn, in_spec: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int = 0,
@@ -161,6 +163,11 @@ def encode_shards(encode_fn: EncodeFn, in_spec: str | os.PathLike, out_dir: str 
     in_manifest, paths = mf.load_spec(in_spec)
     if in_manifest["kind"] != "image":
         raise mf.ManifestError(f"{in_spec}: encode_latents needs image shards, got kind={in_manifest['kind']!r}")
+    missing = mf.missing_files(paths)  # one listing, every rank alike: fail before any rank writes a shard
+    if missing:
+        names = [os.path.basename(paths[i]) for i in missing]
+        raise mf.ShardError(f"{in_spec}: {len(missing)} of the {len(paths)} image shards listed in its manifest are "
+                            f"missing on disk: {mf.name_list(names)}", names)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mf.clear_stale(out_dir, rank, world_size)
@@ -178,7 +185,8 @@ def encode_shards(encode_fn: EncodeFn, in_spec: str | os.PathLike, out_dir: str 
         raise ValueError(f"encode_fn returned latents of different shapes {sorted(shapes)}")
     signature = {"in": str(Path(paths[0]).parent.resolve()) if paths else str(in_spec), "stored": stored,
                  "vae": vae_name, "seed": seed, "scale_factor": scale_factor, "shards": len(paths)}
-    body = {"shards": [{"name": r["name"], "num_samples": r["num_samples"]} for r in results if r["num_samples"]],
+    body = {"shards": [{"name": r["name"], "num_samples": r["num_samples"], "bytes": r["bytes"]}
+                       for r in results if r["num_samples"]],
             "skipped": [s for r in results for s in r["skipped"]],
             "shape": list(shapes.pop()) if shapes else None,
             "s1": stats.s1.tolist() if stats.s1 is not None else None,

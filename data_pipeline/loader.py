@@ -13,16 +13,25 @@
   ``position()`` (the number of batches consumed) continues it exactly.
 * Every rank yields ``batches_per_epoch`` batches per epoch. Fewer shards than ranks × workers needs no fallback:
   ranks split samples, not shards, and workers split batches.
-* A corrupt or missing sample (unreadable member, truncated tar) is replaced by a readable sample of the same
-  batch (if none, by the next readable sample of the epoch order) and counted in ``corrupt_count``; a stream
-  with no readable sample at all raises :class:`NoReadableSamplesError` naming the shards.
+* A corrupt sample (an unreadable member, non-finite latents) is replaced by a readable sample of the same batch
+  (if none, by the next readable sample of the epoch order) and counted in ``corrupt_count`` (the first one of a
+  shard is logged with its reason, and the number per epoch when the epoch ends); a stream with no readable sample
+  at all raises :class:`NoReadableSamplesError` naming the shards.
+* Shards that do not match the manifest: in exact mode a :class:`ShardError` (a ManifestError: one line naming the
+  file). ``build_stream`` finds shards missing on disk from one directory listing (every rank, the same answer) and
+  files of the wrong size with one ``stat`` per shard this rank reads in its first epoch; a tar that holds fewer
+  (or more) samples than the manifest says, or ends early, raises when it is first read. In resampled mode such a
+  shard is skipped instead, loudly: a missing one is never drawn, a short one serves the samples it has (the rest
+  count as corrupt); each is logged once (a warning naming it) and listed in ``bad_shards``.
+* An error raised in a DataLoader worker (``NoReadableSamplesError``, ``ShardError``) reaches the training process
+  as itself (type, one-line message, attributes), the workers stopped.
 """
 from __future__ import annotations
 
 import ast
 import logging
 import os
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,17 +39,41 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import order as order_mod
 from .imaging import IMAGE_EXTS, decode_to_array
-from .manifest import ManifestError, load_spec
+from .manifest import ManifestError, ShardError, file_problem, load_spec, missing_files, name_list
 from .tario import ShardReader
+
+__all__ = ["ManifestError", "NoReadableSamplesError", "STREAM_ERRORS", "ShardError", "ShardStream", "build_stream"]
 
 log = logging.getLogger(__name__)
 
 POSITION_VERSION = 1
+_MAX_SHARD_WARNINGS = 20  # per process: a wholly corrupt data set of 10,000 shards must not log 10,000 lines
 _POSITION_KEYS = ("seed", "world_size", "batch_size", "mode", "total", "shuffle_buffer", "flip")
 
 
 class NoReadableSamplesError(RuntimeError):
-    """Every sample a rank tried to read was corrupt."""
+    """Every sample a rank tried to read was corrupt: one line naming the rank, the first shards and their count.
+
+    ``shards``: every shard of the rank's epoch (file names); ``rank``, ``epoch``: where it happened.
+    """
+
+    def __init__(self, message: str, shards: Sequence[str] = (), rank: int = 0, epoch: int = 0):
+        super().__init__(message)  # args = (message,): pickles through DataLoader workers with the attributes
+        self.shards: List[str] = list(shards)
+        self.rank, self.epoch = rank, epoch
+
+
+# What iterating a stream can raise about the data, on one rank only (the others may be fine): a trainer carries it
+# to every rank. Raised in a DataLoader worker, they reach the training process as themselves.
+STREAM_ERRORS = (NoReadableSamplesError, ShardError)
+
+
+class _WorkerError:
+    """A data error of a DataLoader worker, sent to the training process as an item (not raised in the worker, which
+    the DataLoader would turn into a multi-line traceback message) and raised there unchanged."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
 # ------------------------------------------------------------------------------------------------ decoders
@@ -189,7 +222,8 @@ class BatchMaker:
     """Makes batch number ``g`` of the stream (counted over all epochs) from scratch: any process, any order."""
 
     def __init__(self, manifest: Dict[str, Any], paths: List[str], *, seed: int, rank: int, world_size: int,
-                 batch_size: int, mode: str, shuffle_buffer: int, flip: bool):
+                 batch_size: int, mode: str, shuffle_buffer: int, flip: bool,
+                 available: Optional[np.ndarray] = None):
         self.manifest = manifest
         self.paths = paths
         self.counts = np.array([s["num_samples"] for s in manifest["shards"]], dtype=np.int64)
@@ -198,18 +232,22 @@ class BatchMaker:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batch_size, self.mode, self.shuffle_buffer, self.flip = batch_size, mode, shuffle_buffer, flip
         self.batches_per_epoch = order_mod.batches_per_epoch(self.total, world_size, batch_size)
-        self.reader = ShardReader(paths)
+        self.available = available  # resampled mode: False for shards never drawn (missing on disk)
+        self.reader = ShardReader(paths, expected=self.counts.tolist())
         self.decoder = _ImageDecoder(manifest) if manifest["kind"] == "image" else _LatentDecoder(manifest)
         self._cached_epoch: Optional[int] = None
         self._cached_order: Optional[np.ndarray] = None
         self._warned: set = set()
+        self._bad: Dict[int, str] = {}  # resampled mode: shards found short or damaged by this process
+        self._new_bad: List[Tuple[str, str]] = []  # ... and not yet reported with a batch
 
     def order(self, epoch: int) -> np.ndarray:
         """Global sample ids of this rank's epoch, in batch order (cached for the current epoch)."""
         if self._cached_epoch != epoch:
             self._cached_order = order_mod.epoch_order(
                 self.counts, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
-                batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer, mode=self.mode)
+                batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer, mode=self.mode,
+                available=self.available)
             self._cached_epoch = epoch
         return self._cached_order
 
@@ -225,24 +263,44 @@ class BatchMaker:
         shard = np.searchsorted(self.offsets, ids, side="right") - 1
         return shard, ids - self.offsets[shard]
 
+    def _shard_problem(self, shard: int, problem: str) -> None:
+        """A shard that does not match the manifest: ShardError in exact mode; in resampled mode noted once (its
+        unreadable samples are then counted as corrupt without a warning each)."""
+        if self.mode == "exact":
+            raise ShardError(f"{self.paths[shard]}: {problem}; restore the file or remake the shards",
+                             [os.path.basename(self.paths[shard])])
+        if shard not in self._bad:
+            self._bad[shard] = problem
+            self._warned.add(shard)
+            self._new_bad.append((os.path.basename(self.paths[shard]), problem))
+
     def _read_one(self, gid: int, shard: int, idx: int, flip: bool, out: np.ndarray, i: int) -> Optional[int]:
         """Decode one sample into ``out[i]``; its label, or None if it is corrupt (logged)."""
         try:
             index = self.reader.index(shard)
+            if index.problem is not None:
+                self._shard_problem(shard, index.problem)
             if idx >= len(index.samples):
                 raise ValueError("missing from the tar (truncated or damaged shard)")
             members = index.samples[idx]
             label = self.decoder.label(self.reader, members, shard)
             self.decoder.read(self.reader, shard, members, flip, out, i)
             return label
+        except ShardError:
+            raise
         except Exception as err:  # any decode failure is a corrupt sample, never a crash
-            level = logging.DEBUG if shard in self._warned else logging.WARNING
-            self._warned.add(shard)  # one warning per shard and process; the stream counts them all
-            log.log(level, "%s: sample %d unreadable, skipped (%s)", os.path.basename(self.paths[shard]), idx, err)
+            if shard not in self._warned:  # one warning per shard and process; the stream counts them all
+                self._warned.add(shard)
+                if len(self._warned) <= _MAX_SHARD_WARNINGS:
+                    last = len(self._warned) == _MAX_SHARD_WARNINGS
+                    log.warning("%s: sample %d unreadable, skipped (%s); further unreadable samples of this shard "
+                                "are counted (corrupt_count), not logged%s", os.path.basename(self.paths[shard]), idx,
+                                err, "; no more such warnings from this process" if last else "")
             return None
 
-    def batch(self, g: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        """(x, y, number of corrupt samples replaced) of batch ``g``."""
+    def batch(self, g: int) -> Tuple[torch.Tensor, torch.Tensor, int, Tuple[Tuple[str, str], ...]]:
+        """(x, y, number of corrupt samples replaced, shards this process found bad since its last batch as
+        (name, reason) pairs: resampled mode only, usually empty) of batch ``g``."""
         epoch, j = divmod(g, self.batches_per_epoch)
         order = self.order(epoch)
         b = self.batch_size
@@ -275,7 +333,10 @@ class BatchMaker:
                 out[i] = out[src]
                 labels[i] = labels[src]
         x = self.decoder.finish(out, order_mod.noise_seed(self.seed, epoch, self.rank, j))
-        return x, torch.from_numpy(labels), corrupt
+        new_bad: Tuple[Tuple[str, str], ...] = ()
+        if self._new_bad:
+            new_bad, self._new_bad = tuple(self._new_bad), []
+        return x, torch.from_numpy(labels), corrupt, new_bad
 
     def _rescue(self, epoch: int, j: int, out: np.ndarray, labels: np.ndarray) -> None:
         """Fill slot 0 with the next readable sample of the epoch order after batch j, or raise."""
@@ -291,8 +352,8 @@ class BatchMaker:
                 return
         names = sorted({os.path.basename(self.paths[s]) for s in self._locate(order)[0].tolist()})
         raise NoReadableSamplesError(
-            f"rank {self.rank}: no readable sample in {len(names)} shard(s) {', '.join(names[:10])}"
-            f"{' ...' if len(names) > 10 else ''} (all {n} samples of epoch {epoch} are corrupt)")
+            f"rank {self.rank}: no readable sample in {len(names)} shard(s) {name_list(names)} (all {n} samples "
+            f"of epoch {epoch} are corrupt)", shards=names, rank=self.rank, epoch=epoch)
 
 
 class _BatchDataset(IterableDataset):
@@ -303,25 +364,45 @@ class _BatchDataset(IterableDataset):
         self.maker = maker
         self.start = start
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         g = self.start + wid
         while True:
-            yield self.maker.batch(g)
+            try:
+                item = self.maker.batch(g)
+            except STREAM_ERRORS as err:
+                if info is None:
+                    raise
+                yield _WorkerError(err)  # in place of batch g: raised when the stream reaches it
+                return
+            yield item
             g += nw
 
 
 # ------------------------------------------------------------------------------------------------ stream
 class ShardStream:
-    """An endless, resumable stream of ``(x, y)`` batches for one rank (see module docstring)."""
+    """An endless, resumable stream of ``(x, y)`` batches for one rank (see module docstring).
+
+    ``unavailable``: shard numbers missing on disk (resampled mode only: they are never drawn). Counters for the
+    trainer: ``corrupt_count`` (samples replaced since the run began, carried by ``position()``), ``bad_shards``
+    (resampled mode: file name -> why it was skipped) and ``bad_shard_count``.
+    """
 
     def __init__(self, manifest: Dict[str, Any], paths: List[str], *, batch_size: int, rank: int,
                  world_size: int, num_workers: int, seed: int, mode: str, shuffle_buffer: int, flip: bool,
-                 position: Optional[Dict[str, Any]] = None, pin_memory: bool = False, prefetch_factor: int = 2):
+                 position: Optional[Dict[str, Any]] = None, pin_memory: bool = False, prefetch_factor: int = 2,
+                 unavailable: Sequence[int] = ()):
+        if len(unavailable) and mode != "resampled":
+            raise ValueError("only resampled mode can skip shards that are missing on disk")
+        available = None
+        if len(unavailable):
+            available = np.ones(len(paths), dtype=bool)
+            available[list(unavailable)] = False
         self.manifest = manifest
         self.maker = BatchMaker(manifest, paths, seed=seed, rank=rank, world_size=world_size,
-                                batch_size=batch_size, mode=mode, shuffle_buffer=shuffle_buffer, flip=flip)
+                                batch_size=batch_size, mode=mode, shuffle_buffer=shuffle_buffer, flip=flip,
+                                available=available)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.mode = num_workers, seed, mode
         self.shuffle_buffer, self.flip = shuffle_buffer, flip
@@ -330,9 +411,12 @@ class ShardStream:
         self.total = self.maker.total
         self._consumed = 0
         self.corrupt_count = 0
+        self._epoch_corrupt = 0  # corrupt samples of the current epoch (logged when it ends)
+        self.bad_shards: Dict[str, str] = {os.path.basename(paths[i]): "missing on disk" for i in unavailable}
         self._loader_iter = None
         if position is not None:
             self._restore(position)
+        self._check_sizes()
 
     # -- bookkeeping
     @property
@@ -345,15 +429,21 @@ class ShardStream:
         """Batches of the current epoch already consumed."""
         return self._consumed % self.batches_per_epoch
 
+    @property
+    def bad_shard_count(self) -> int:
+        """Shards skipped as missing, short or damaged so far (resampled mode; exact mode raises instead)."""
+        return len(self.bad_shards)
+
     def _settings(self) -> Dict[str, Any]:
         return {"seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size,
                 "mode": self.mode, "total": self.total, "shuffle_buffer": self.shuffle_buffer, "flip": self.flip}
 
     def position(self) -> Dict[str, Any]:
-        """JSON-able position after the batches consumed so far; ``build_stream(..., position=p)`` continues here."""
+        """JSON-able position after the batches consumed so far; ``build_stream(..., position=p)`` continues here.
+        Valid at any time, also after the stream raised (the failed batch is not counted as consumed)."""
         return {"version": POSITION_VERSION, "batches": self._consumed, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch, "corrupt_count": self.corrupt_count, "rank": self.rank,
-                **self._settings()}
+                "batch_in_epoch": self.batch_in_epoch, "corrupt_count": self.corrupt_count,
+                "corrupt_in_epoch": self._epoch_corrupt, "rank": self.rank, **self._settings()}
 
     def _restore(self, pos: Dict[str, Any]) -> None:
         if not isinstance(pos, dict) or pos.get("version") != POSITION_VERSION or "batches" not in pos:
@@ -365,16 +455,56 @@ class ShardStream:
                                  f"{key}={mine[key]!r}: cannot continue it exactly")
         self._consumed = int(pos["batches"])
         self.corrupt_count = int(pos.get("corrupt_count", 0))
+        self._epoch_corrupt = int(pos.get("corrupt_in_epoch", 0)) if self.batch_in_epoch else 0
+
+    def _check_sizes(self) -> None:
+        """One stat per shard this rank reads in the current epoch: a size that cannot match the manifest is a
+        ShardError (exact mode) or a skipped shard (resampled)."""
+        paths, entries = self.maker.paths, self.manifest["shards"]
+        shards = np.unique(self.maker._locate(self.maker.order(self.epoch))[0]).tolist()
+        problems = [(k, why) for k in shards if (why := file_problem(paths[k], entries[k])) is not None]
+        if not problems:
+            return
+        if self.mode == "exact":
+            k, why = problems[0]
+            also = ""
+            if len(problems) > 1:
+                also = (f"; {len(problems) - 1} more of this rank's shards do not match either: "
+                        f"{name_list([os.path.basename(paths[j]) for j, _ in problems[1:]])}")
+            files = "the file" if len(problems) == 1 else "the files"
+            raise ShardError(f"{paths[k]}: {why}{also}; restore {files} or remake the shards",
+                             [os.path.basename(paths[j]) for j, _ in problems])
+        for k, why in problems:
+            self._note_bad(os.path.basename(paths[k]), why)
+
+    def _note_bad(self, name: str, why: str) -> None:
+        if name not in self.bad_shards:
+            self.bad_shards[name] = why
+            log.warning("rank %d: %s: %s; skipped (resampled mode), %d bad shard(s) so far", self.rank, name, why,
+                        len(self.bad_shards))
+
+    def _account(self, corrupt: int, new_bad: Tuple[Tuple[str, str], ...]) -> None:
+        """Count one consumed batch (per batch, not per sample)."""
+        self._consumed += 1
+        if corrupt:
+            self.corrupt_count += corrupt
+            self._epoch_corrupt += corrupt
+        for name, why in new_bad:
+            self._note_bad(name, why)
+        if self._epoch_corrupt and self._consumed % self.batches_per_epoch == 0:
+            log.warning("rank %d: %d corrupt sample(s) replaced in epoch %d (%d since the run began)", self.rank,
+                        self._epoch_corrupt, self.epoch - 1, self.corrupt_count)
+            self._epoch_corrupt = 0
 
     # -- iteration
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """Yield batches forever from the current position (one active iterator per stream)."""
+        """Yield batches forever from the current position (one active iterator per stream). A data error
+        (``NoReadableSamplesError``, ``ShardError``) is raised as itself, also from a worker, the workers stopped."""
         self.close()
         if self.num_workers == 0:
             while True:
-                x, y, bad = self.maker.batch(self._consumed)
-                self._consumed += 1
-                self.corrupt_count += bad
+                x, y, bad, new_bad = self.maker.batch(self._consumed)
+                self._account(bad, new_bad)
                 if self.pin_memory:  # what the DataLoader's pinning thread does with workers
                     x, y = x.pin_memory(), y.pin_memory()
                 yield x, y
@@ -383,10 +513,16 @@ class ShardStream:
                             num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor)
         self._loader_iter = iter(loader)
-        for x, y, bad in self._loader_iter:
-            self._consumed += 1
-            self.corrupt_count += int(bad)
-            yield x, y
+        try:
+            for item in self._loader_iter:
+                if isinstance(item, _WorkerError):
+                    raise item.error
+                x, y, bad, new_bad = item
+                self._account(int(bad), new_bad)
+                yield x, y
+        except Exception:
+            self.close()  # no worker outlives a failed stream
+            raise
 
     def close(self) -> None:
         """Stop DataLoader workers (they are restarted by the next ``iter()``)."""
@@ -406,7 +542,10 @@ def build_stream(spec: str | os.PathLike, *, batch_size: int, rank: int = 0, wor
                  flip: bool = True, position: Optional[Dict[str, Any]] = None, pin_memory: bool = False,
                  prefetch_factor: int = 2) -> ShardStream:
     """The training stream of shard spec ``spec`` (a directory with manifest.json, a manifest path, or a brace
-    pattern of shards) for ``rank`` of ``world_size``; see the module docstring for the guarantees."""
+    pattern of shards) for ``rank`` of ``world_size``; see the module docstring for the guarantees.
+
+    Raises ManifestError (ShardError for shards missing on disk or of the wrong size: exact mode, or resampled
+    mode with no shard left) in one line naming the file."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
@@ -420,6 +559,24 @@ def build_stream(spec: str | os.PathLike, *, batch_size: int, rank: int = 0, wor
     if bpe < 1:
         raise ManifestError(f"{spec}: {manifest['total']} samples cannot give each of {world_size} ranks one batch "
                             f"of {batch_size}")
+    # One listing of the shard directory, on every rank: all ranks see the same missing files and decide alike.
+    missing = missing_files(paths)
+    if missing:
+        names = [os.path.basename(paths[i]) for i in missing]
+        where = os.path.join(os.path.dirname(paths[0]), "manifest.json")
+        gone = set(missing)
+        left = sum(1 for i, s in enumerate(manifest["shards"]) if s["num_samples"] > 0 and i not in gone)
+        if mode == "exact" or left == 0:
+            what = (f"{paths[missing[0]]}: listed in {where} but missing on disk" if len(missing) == 1 else
+                    f"{len(missing)} of the {len(paths)} shards listed in {where} are missing on disk: "
+                    f"{name_list(names)}")
+            them = "it" if len(missing) == 1 else "them"
+            hint = (f"; restore {them}, remake the shards, or name the present ones with a brace pattern (resampled "
+                    f"mode skips {them})" if mode == "exact" else "; no shard is left to draw from")
+            raise ShardError(what + hint, names)
+        log.warning("rank %d: %d of the %d shards listed in %s are missing on disk and are skipped (resampled "
+                    "mode): %s", rank, len(missing), len(paths), where, name_list(names))
     return ShardStream(manifest, paths, batch_size=batch_size, rank=rank, world_size=world_size,
                        num_workers=num_workers, seed=seed, mode=mode, shuffle_buffer=shuffle_buffer, flip=flip,
-                       position=position, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+                       position=position, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                       unavailable=missing if mode == "resampled" else ())

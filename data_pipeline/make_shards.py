@@ -80,7 +80,7 @@ def _write_shard(task: Tuple[str, List[Tuple[str, Item]], int, int, str, int]) -
         n = w.num_samples
     if n == 0:
         Path(path).unlink(missing_ok=True)
-    return {"name": Path(path).name, "num_samples": n, "skipped": skipped}
+    return {"name": Path(path).name, "num_samples": n, "bytes": w.num_bytes, "skipped": skipped}
 
 
 def plan_blocks(n_items: int, world_size: int, shard_size: int) -> List[Tuple[int, int, int]]:
@@ -140,7 +140,8 @@ def make_shards(source: str, out: str | os.PathLike, *, image_size: Optional[int
     signature = {"source": source, "root": str(Path(root).resolve()) if root else None, "split": split,
                  "val_fraction": val_fraction, "image_size": image_size, "channels": channels, "format": fmt,
                  "shard_size": shard_size, "seed": seed, "items": len(keyed), "name": name}
-    body = {"shards": [{"name": r["name"], "num_samples": r["num_samples"]} for r in results if r["num_samples"]],
+    body = {"shards": [{"name": r["name"], "num_samples": r["num_samples"], "bytes": r["bytes"]}
+                       for r in results if r["num_samples"]],
             "skipped": [s for r in results for s in r["skipped"]],
             "command": command if command is not None else mf.command_line()}
 

@@ -26,6 +26,57 @@ class ManifestError(ValueError):
     """A shard spec or manifest that cannot be used, described in one line naming the file and key."""
 
 
+class ShardError(ManifestError):
+    """Shards on disk that do not match the manifest (missing, short, damaged), in one line naming them.
+
+    ``shards``: the file names concerned. A ManifestError, so the trainers exit with status 2.
+    """
+
+    def __init__(self, message: str, shards: Sequence[str] = ()):
+        super().__init__(message)  # args = (message,): pickles through DataLoader workers with ``shards`` intact
+        self.shards: List[str] = list(shards)
+
+
+TAR_BLOCK = 512  # a tar file is a whole number of 512-byte blocks
+
+
+def name_list(names: Sequence[str], first: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c, d, e and 995 more``: a few names and how many others, for a one-line message."""
+    shown = ", ".join(names[:first])
+    return shown + (f" and {len(names) - first} more" if len(names) > first else "")
+
+
+def missing_files(paths: Sequence[str]) -> List[int]:
+    """Indices of ``paths`` that are not on disk, from one listing of each directory (not a stat per file: on a
+    cluster filesystem a directory listing of 10,000 shards costs a few metadata requests, 10,000 stats as many)."""
+    by_dir: Dict[str, List[int]] = {}
+    for i, p in enumerate(paths):
+        by_dir.setdefault(os.path.dirname(p) or ".", []).append(i)
+    missing: List[int] = []
+    for d, idxs in by_dir.items():
+        try:
+            present = set(os.listdir(d))
+        except OSError:
+            present = set()
+        missing += [i for i in idxs if os.path.basename(paths[i]) not in present]
+    return sorted(missing)
+
+
+def file_problem(path: str, entry: Dict[str, Any]) -> Optional[str]:
+    """Why the shard file at ``path`` cannot match its manifest ``entry`` by its size alone (one stat), or None:
+    missing, a size other than the recorded ``bytes``, or (manifests without sizes) not whole 512-byte blocks."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    want = entry.get("bytes")
+    if want is not None and size != int(want):
+        return f"{size} bytes on disk, the manifest says {int(want)} (cut short or replaced?)"
+    if size == 0 or size % TAR_BLOCK:
+        return f"{size} bytes on disk, not a whole number of {TAR_BLOCK}-byte tar blocks (cut short?)"
+    return None
+
+
 def shard_name(prefix: str, index: int) -> str:
     """File name of shard ``index``: ``PREFIX-%06d.tar``."""
     return f"{prefix}-{index:06d}.tar"
@@ -114,6 +165,8 @@ def validate_manifest(manifest: Any, where: str) -> None:
     for i, s in enumerate(manifest["shards"]):
         if not isinstance(s, dict) or "name" not in s or "num_samples" not in s:
             raise ManifestError(f"{where}: shards[{i}] needs 'name' and 'num_samples'")
+        if "bytes" in s and not (isinstance(s["bytes"], int) and s["bytes"] >= 0):
+            raise ManifestError(f"{where}: shards[{i}].bytes must be a file size in bytes, got {s['bytes']!r}")
     if sum(s["num_samples"] for s in manifest["shards"]) != manifest["total"]:
         raise ManifestError(f"{where}: 'total' does not equal the sum of the shards' num_samples")
 

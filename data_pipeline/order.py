@@ -9,11 +9,12 @@ reads a run of consecutive shards (a shard at a boundary is shared by two neighb
 ranks the ranges simply lie inside shards). Each rank's range passes through a seeded shuffle buffer and is cut
 into ``batches_per_epoch`` batches; the remainder (< batch_size per rank, < world_size overall) is dropped, and it
 is a different remainder every epoch. Resampled mode: each rank draws shards with replacement, seeded by (seed,
-epoch, rank), until it has ``total // world_size`` samples, then the same buffer and batching.
+epoch, rank), until it has ``total // world_size`` samples, then the same buffer and batching; shards marked
+unavailable (missing on disk) are never drawn, and the samples per rank stay ``total // world_size``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -87,8 +88,11 @@ def _concat_shards(offsets: np.ndarray, counts: np.ndarray, shards: np.ndarray) 
 
 
 def rank_sequence(counts: Sequence[int], *, seed: int, epoch: int, rank: int, world_size: int,
-                  mode: str = "exact") -> np.ndarray:
-    """Global sample ids this rank reads in ``epoch``, in shard order (before the shuffle buffer)."""
+                  mode: str = "exact", available: Optional[np.ndarray] = None) -> np.ndarray:
+    """Global sample ids this rank reads in ``epoch``, in shard order (before the shuffle buffer).
+
+    ``available`` (resampled mode): a bool per shard, False for shards never to draw (None: all may be drawn).
+    """
     counts = np.asarray(counts, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     total = int(counts.sum())
@@ -106,7 +110,10 @@ def rank_sequence(counts: Sequence[int], *, seed: int, epoch: int, rank: int, wo
         return seq[lo - first:hi - first]
     if mode == "resampled":
         rng = np.random.default_rng([seed, epoch, rank, _TAG_RESAMPLE])
-        nonempty = np.flatnonzero(counts > 0)
+        drawable = counts > 0 if available is None else (counts > 0) & np.asarray(available, dtype=bool)
+        nonempty = np.flatnonzero(drawable)
+        if per > 0 and len(nonempty) == 0:
+            raise ValueError("no shard is available to draw from")
         chosen, got = [], 0
         while got < per:
             draw = nonempty[rng.integers(0, len(nonempty), size=max(1, len(nonempty)))]
@@ -120,9 +127,11 @@ def rank_sequence(counts: Sequence[int], *, seed: int, epoch: int, rank: int, wo
 
 
 def epoch_order(counts: Sequence[int], *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
-                shuffle_buffer: int, mode: str = "exact") -> np.ndarray:
-    """Global sample ids of this rank's ``batches_per_epoch * batch_size`` samples of ``epoch``, in batch order."""
-    seq = rank_sequence(counts, seed=seed, epoch=epoch, rank=rank, world_size=world_size, mode=mode)
+                shuffle_buffer: int, mode: str = "exact", available: Optional[np.ndarray] = None) -> np.ndarray:
+    """Global sample ids of this rank's ``batches_per_epoch * batch_size`` samples of ``epoch``, in batch order
+    (``available``: see :func:`rank_sequence`)."""
+    seq = rank_sequence(counts, seed=seed, epoch=epoch, rank=rank, world_size=world_size, mode=mode,
+                        available=available)
     rng = np.random.default_rng([seed, epoch, rank, _TAG_BUFFER])
     seq = buffer_shuffle(seq, shuffle_buffer, rng)
     n = batches_per_epoch(int(np.sum(counts)), world_size, batch_size) * batch_size

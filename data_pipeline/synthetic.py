@@ -65,7 +65,7 @@ def write_image_shards(out: str | os.PathLike, counts: Sequence[int], *, image_s
                     members["cls"] = str(i % num_classes).encode()
                 w.write(f"{i:09d}", members)
                 i += 1
-        shards.append({"name": name, "num_samples": n})
+        shards.append({"name": name, "num_samples": n, "bytes": w.num_bytes})
     m = _manifest("image", shards, image_size, channels, [str(c) for c in range(num_classes)], image_format=fmt)
     write_json_atomic(out / MANIFEST_NAME, m)
     return m
@@ -93,7 +93,7 @@ def write_latent_shards(out: str | os.PathLike, counts: Sequence[int], *, shape:
                 np.save(buf, arr)
                 w.write(f"{i:09d}", {"npy": buf.getvalue(), "cls": str(i % max(num_classes, 1)).encode()})
                 i += 1
-        shards.append({"name": name, "num_samples": n})
+        shards.append({"name": name, "num_samples": n, "bytes": w.num_bytes})
     latent = {"shape": list(shape), "vae": "synthetic", "stored": stored, "dtype": "float16",
               "shift": list(shift) if shift is not None else [0.0] * c,
               "scale": list(scale) if scale is not None else [1.0] * c,

@@ -15,7 +15,7 @@ import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class ShardWriter:
         self._file = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self.num_samples = 0
+        self.num_bytes = 0  # the finished file's size (set by close; recorded in the manifest)
 
     def write(self, key: str, members: Mapping[str, bytes]) -> None:
         """Append one sample: ``members`` maps extension ("png", "cls", "npy") to the member's bytes."""
@@ -54,6 +55,7 @@ class ShardWriter:
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
+        self.num_bytes = os.fstat(self._file.fileno()).st_size
         self._file.close()
         os.replace(self.tmp, self.path)
         return self.path
@@ -78,12 +80,26 @@ class ShardWriter:
 
 @dataclass
 class ShardIndex:
-    """Member offsets of one shard: ``samples[i]`` maps extension → (data offset, size) for the i-th key."""
+    """Member offsets of one shard: ``samples[i]`` maps extension → (data offset, size) for the i-th key.
+
+    ``damaged``: the tar ended early, had an unreadable header or could not be opened; ``error`` says which and
+    where. ``problem`` (set by :class:`ShardReader` when it knows the expected sample count): why the shard does not
+    match its manifest entry, or None.
+    """
 
     path: str
     keys: List[str] = field(default_factory=list)
     samples: List[Dict[str, Tuple[int, int]]] = field(default_factory=list)
-    damaged: bool = False  # the tar ended early or had an unreadable header
+    damaged: bool = False
+    error: str = ""
+    problem: Optional[str] = None
+
+
+def _damage(idx: ShardIndex, error: str) -> None:
+    # the reader that knows the manifest turns this into one error or warning naming the shard; no log here
+    idx.damaged = True
+    idx.error = error
+    log.debug("%s: %s", idx.path, error)
 
 
 _BLOCK = 512
@@ -106,7 +122,7 @@ def _fast_index(path: str, idx: ShardIndex) -> None:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
-            idx.damaged = True
+            _damage(idx, "empty file")
             return
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
@@ -114,7 +130,7 @@ def _fast_index(path: str, idx: ShardIndex) -> None:
         while True:
             if off + _BLOCK > size:
                 if off < size or off == 0:
-                    idx.damaged = True
+                    _damage(idx, f"tar ends inside a header at byte {size}")
                 break
             hdr = buf[off:off + _BLOCK]
             if hdr.count(0) == _BLOCK:  # end-of-archive marker
@@ -124,8 +140,7 @@ def _fast_index(path: str, idx: ShardIndex) -> None:
             except ValueError:
                 want = -1
             if want != sum(hdr) - sum(hdr[148:156]) + 8 * 32:
-                log.warning("%s: bad tar header checksum at byte %d", path, off)
-                idx.damaged = True
+                _damage(idx, f"bad tar header checksum at byte {off}")
                 break
             typeflag = hdr[156:157]
             if typeflag not in (b"0", b"\0", b"5", b"1", b"2", b"3", b"4", b"6", b"7"):
@@ -141,8 +156,7 @@ def _fast_index(path: str, idx: ShardIndex) -> None:
                     name = prefix + "/" + name
             data = off + _BLOCK
             if data + msize > size:
-                log.warning("%s: truncated inside member %s", path, name)
-                idx.damaged = True
+                _damage(idx, f"tar ends inside member {name} at byte {size}")
                 break
             if typeflag in (b"0", b"\0", b"7"):
                 _add_member(idx, name, data, msize)
@@ -158,16 +172,14 @@ def _tarfile_index(path: str, idx: ShardIndex) -> None:
             try:
                 info = tf.next()
             except (OSError, tarfile.TarError, EOFError) as err:
-                log.warning("%s: damaged after %d samples (%s)", path, len(idx.keys), err)
-                idx.damaged = True
+                _damage(idx, f"damaged after {len(idx.keys)} samples ({err})")
                 break
             if info is None:
                 break
             if not info.isfile():
                 continue
             if info.offset_data + info.size > size:
-                log.warning("%s: truncated inside member %s", path, info.name)
-                idx.damaged = True
+                _damage(idx, f"tar ends inside member {info.name} at byte {size}")
                 break
             _add_member(idx, info.name, info.offset_data, info.size)
         tf.members = []
@@ -184,8 +196,7 @@ def index_tar(path: str) -> ShardIndex:
             idx = ShardIndex(path)
             _tarfile_index(path, idx)
     except (OSError, ValueError, tarfile.TarError, EOFError) as err:
-        log.warning("%s: unreadable shard (%s)", path, err)
-        idx.damaged = True
+        _damage(idx, f"unreadable ({type(err).__name__}: {err})")
     return idx
 
 
@@ -194,10 +205,14 @@ class ShardReader:
 
     Safe to copy into DataLoader workers: descriptors belong to the process that opened them. Call
     :meth:`enter_process` once before a run of reads (the per-read methods skip the check for speed).
+    With ``expected`` (the manifest's sample count per shard), an index whose shard is damaged or holds another
+    number of samples gets ``problem`` set (checked once per indexing, not per read).
     """
 
-    def __init__(self, paths: List[str], max_open: int = 64, max_indexed: int = 64):
+    def __init__(self, paths: List[str], max_open: int = 64, max_indexed: int = 64,
+                 expected: Optional[Sequence[int]] = None):
         self.paths = list(paths)
+        self.expected = None if expected is None else [int(n) for n in expected]
         self.max_open = max_open
         self.max_indexed = max_indexed
         self._pid = os.getpid()
@@ -215,6 +230,15 @@ class ShardReader:
         idx = self._indexes.get(shard)
         if idx is None:
             idx = index_tar(self.paths[shard])
+            if self.expected is not None:
+                want, got = self.expected[shard], len(idx.samples)
+                if got < want:
+                    idx.problem = (f"only {got} of the {want} samples the manifest lists are readable "
+                                   f"({idx.error or 'the tar ends early'})")
+                elif got > want:
+                    idx.problem = f"holds {got} samples, the manifest lists {want} (another file of that name?)"
+                elif idx.damaged:
+                    idx.problem = f"damaged after its {want} samples ({idx.error})"
             self._indexes[shard] = idx
             if len(self._indexes) > self.max_indexed:
                 self._indexes.popitem(last=False)
