@@ -96,8 +96,10 @@ class StepProgress:
         if "samples_per_s" in record:
             rate = float(record["samples_per_s"])
             parts.append(f"{rate:.0f} img/s" if rate >= 100 else f"{rate:.3g} img/s")
-        if int(record.get("nonfinite_steps", 0) or 0) > 0:
-            parts.append(f"nonfinite {int(record['nonfinite_steps'])}")
+        for key, label in (("nonfinite_steps", "nonfinite"), ("corrupt_samples", "corrupt"),
+                           ("bad_shards", "bad shards")):
+            if int(record.get(key, 0) or 0) > 0:
+                parts.append(f"{label} {int(record[key])}")
         eta = self._eta(now, step)
         if eta is not None:
             parts.append(f"eta {format_duration(eta)}")

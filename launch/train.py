@@ -25,7 +25,7 @@ import torch.distributed as dist
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported: silences its accelerator probe
 
-from data_pipeline.loader import NoReadableSamplesError
+from data_pipeline.loader import STREAM_ERRORS, NoReadableSamplesError, ShardError
 from launch import checkpoint as ckpt_io
 from launch import optimizer_state
 from launch.builders import deepspeed_config, diffusion_kwargs, latent_record, model_kwargs
@@ -197,7 +197,7 @@ class Trainer(TrainerBase):
         self._generator = None  # EMA model + VAE for grids and evaluation, built on first use
         self._nan_from, self._nan_weight_at = fault_step("nan_loss_from"), fault_step("nan_weight_at")  # tests
         self._inf_grad_at = fault_step("inf_grad_at")
-        self._data_failure: Optional[str] = None  # why this rank has no data (see `_next_batch`)
+        self._data_failure: Optional[tuple[str, str]] = None  # why this rank has no data (see `_next_batch`)
         if cfg.train.eval_every and cfg.eval.metrics:  # fail now, not hours into the run
             from eval.inception import resolve_weights
 
@@ -384,10 +384,10 @@ class Trainer(TrainerBase):
         if self._data_failure is None:
             try:
                 return next(self.iterator)
-            except NoReadableSamplesError as err:
+            except STREAM_ERRORS as err:
                 if self.info.world_size == 1:
                     raise
-                self._data_failure = f"rank {self.info.rank}: {err}"
+                self._data_failure = (type(err).__name__, str(err))
         shape = (self.micro, self.model_kwargs["in_channels"], self.model_kwargs["input_size"],
                  self.model_kwargs["input_size"])
         return torch.zeros(shape), torch.zeros(self.micro, dtype=torch.long)
@@ -463,9 +463,12 @@ class Trainer(TrainerBase):
             return False
         signal, bad_run = flags[0] > 0, int(flags[1])
         if flags[2] > 0:  # some rank has no readable data: every rank stops here, with that rank's reason
-            reasons: list[Optional[str]] = [None] * self.info.world_size
+            reasons: list[Optional[tuple[str, str]]] = [None] * self.info.world_size
             dist.all_gather_object(reasons, self._data_failure)
-            raise NoReadableSamplesError("; ".join(r for r in reasons if r))
+            failed = [r for r in reasons if r]
+            message = "; ".join(text for _, text in failed)
+            # a missing or short shard is bad input (exit 2); every sample corrupt stops the run (exit 1)
+            raise (ShardError if all(kind == "ShardError" for kind, _ in failed) else NoReadableSamplesError)(message)
         if bad_run:
             log.warning("step %d: non-finite loss or gradient, optimizer step skipped (%d in a row)", step, bad_run)
             if bad_run >= self.cfg.train.max_bad_steps:

@@ -109,17 +109,29 @@ class TrainerBase(abc.ABC):
                             "beginning of epoch %s (the rest resumes exactly)", self.meta.get("world_size"),
                             info.world_size, self.meta.get("epoch"))
         stream_kwargs = stream_options(cfg, info, self.micro)
+        failure: Optional[ValueError] = None
         try:
             self.stream = build_stream(cfg.data.shards, position=positions[info.rank] if positions else None,
                                        **stream_kwargs)
+            if self.meta is not None and positions is None:  # new world size: restart the checkpoint's epoch
+                epoch = int(self.meta.get("epoch", 0))
+                position = dict(self.stream.position(), batches=epoch * self.stream.batches_per_epoch)
+                self.stream = build_stream(cfg.data.shards, position=position, **stream_kwargs)
         except ValueError as err:
             if isinstance(err, (ManifestError, ConfigError)) or positions is None:
-                raise
-            raise ckpt_io.CheckpointError(f"{self.resume_from}: {err}") from None
-        if self.meta is not None and positions is None:  # new world size: restart the checkpoint's epoch
-            epoch = int(self.meta.get("epoch", 0))
-            position = dict(self.stream.position(), batches=epoch * self.stream.batches_per_epoch)
-            self.stream = build_stream(cfg.data.shards, position=position, **stream_kwargs)
+                failure = err
+            else:
+                failure = ckpt_io.CheckpointError(f"{self.resume_from}: {err}")
+        # A rank checks the shards it reads (a short one on rank 3 only): every rank stops with its reason
+        reasons = [None] * info.world_size
+        if info.world_size > 1 and dist.is_initialized():
+            dist.all_gather_object(reasons, None if failure is None else (type(failure).__name__, str(failure)))
+        if failure is not None:
+            raise failure
+        bad = next(((r, why) for r, why in enumerate(reasons) if why), None)
+        if bad is not None:
+            rank, (kind, message) = bad
+            raise (ConfigError if kind == "ConfigError" else ManifestError)(f"rank {rank}: {message}")
         self.data_info = data_record(self.stream.manifest)
         self.step, self.nonfinite_total, self.bad_in_a_row = 0, 0, 0
         # A private RNG for everything random in a step (timesteps, noise, label dropout, posterior samples),
@@ -236,7 +248,7 @@ class TrainerBase(abc.ABC):
         return {"format": self.CHECKPOINT_FORMAT, "step": self.step, "epoch": position.get("epoch", 0),
                 "world_size": self.info.world_size, "positions": positions, "config": config_to_dict(self.cfg),
                 "data": self.data_info, "nonfinite_steps": self.nonfinite_total,
-                "corrupt_samples": int(getattr(self.stream, "corrupt_count", 0)), "versions": versions(),
+                "corrupt_samples": sum(int(p.get("corrupt_count", 0)) for p in positions), "versions": versions(),
                 "runtime": self.run_record(), **self.model_meta()}
 
     def save(self) -> Path:
@@ -358,6 +370,20 @@ class TrainerBase(abc.ABC):
             self.stream.close()
         return status
 
+    def _data_faults(self) -> tuple[int, int]:
+        """(corrupt samples summed over the ranks, shards skipped for being missing or short: the most any rank saw)
+        (collective)."""
+        local = torch.tensor([float(getattr(self.stream, "corrupt_count", 0)),
+                              float(getattr(self.stream, "bad_shard_count", 0))], dtype=torch.float64)
+        if self.info.world_size > 1 and dist.is_initialized():
+            local = local.to(self.info.device)
+            parts = [torch.empty_like(local) for _ in range(self.info.world_size)]
+            dist.all_gather(parts, local)
+            every = torch.stack(parts)
+            local = torch.stack([every[:, 0].sum(), every[:, 1].max()])
+        corrupt, bad_shards = (int(v) for v in local.tolist())
+        return corrupt, bad_shards
+
     def _log(self, window: "MetricWindow", steps: int, seconds: float, progress: StepProgress,
              partial: bool = False) -> None:
         # Every rank logs the same keys at the same steps: one all-reduce sums them over the ranks. This is the
@@ -366,9 +392,10 @@ class TrainerBase(abc.ABC):
         record: dict[str, Any] = window.reduce(self.info.world_size > 1 and dist.is_initialized())
         # throughput from the steps this process timed (a resumed window holds steps from before the restart)
         samples_per_s = steps * self.cfg.train.global_batch_size / max(seconds, 1e-9)
+        corrupt, bad_shards = self._data_faults()
         record.update({"samples_per_s": samples_per_s, "step_time": seconds / max(steps, 1),
                        "epoch": self.stream.position().get("epoch", 0), "nonfinite_steps": self.nonfinite_total,
-                       "corrupt_samples": int(getattr(self.stream, "corrupt_count", 0))})
+                       "corrupt_samples": corrupt, "bad_shards": bad_shards})
         lr = self.current_lr()
         if lr is not None:
             record["lr"] = lr

@@ -135,3 +135,25 @@ def test_last_step_has_no_eta(log_to):
     clock.now += 5
     progress.log(10, {"loss": 1.0})
     assert stream.getvalue().strip().endswith("step 10/10 (100.0%) loss 1")
+
+
+def test_log_line_shows_data_faults_when_there_are_any():
+    import io
+    import logging
+
+    from launch.progress import StepProgress
+
+    stream = io.StringIO()
+    logger = logging.getLogger("test.progress.faults")
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        bar = StepProgress(total=10, enabled=True, stream=stream, logger=logger)
+        bar.update(5)
+        bar.log(5, {"loss": 0.5, "corrupt_samples": 37, "bad_shards": 1, "nonfinite_steps": 0})
+        bar.close()
+    finally:
+        logger.removeHandler(handler)
+    line = stream.getvalue().strip().splitlines()[-1]
+    assert "corrupt 37" in line and "bad shards 1" in line and "nonfinite" not in line

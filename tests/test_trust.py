@@ -289,3 +289,23 @@ def test_a_rank_without_readable_data_stops_every_rank_with_one_line(tmp_path):
     assert {"r0", "r1"} == {line.split("]")[0].split()[-1] for line in lines}, err[-3000:]  # both ranks, one line
     assert all(bad.name in line and "rank" in line for line in lines), lines
     assert "Connection closed" not in err and "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_short_shard_seen_by_one_rank_at_start_stops_every_rank(tmp_path):
+    """Each rank checks the sizes of the shards it reads: the rank that finds a short one and every other rank
+    stop at start-up with one line naming it (exit 2), instead of the others waiting in a collective."""
+    shards = tmp_path / "shards"
+    proc = run_entry(["data_pipeline/make_shards.py", "--source", "mnist", "--out", str(shards), "--shard-size", "16",
+                      "--max-samples", "32"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    short = sorted(shards.glob("*.tar"))[0]
+    short.write_bytes(short.read_bytes()[:-2048])
+    args = train_args(tmp_path / "run", shards, "train.max_steps=2", "train.global_batch_size=4")
+    done = subprocess.run(torchrun_cmd(args[0], args[1:], 2), cwd=ROOT, env=entry_env(), capture_output=True,
+                          text=True, timeout=600)
+    err = done.stdout + done.stderr
+    lines = [line for line in err.splitlines() if "ERROR launch.trainer_base" in line]
+    assert {"r0", "r1"} == {line.split("]")[0].split()[-1] for line in lines}, err[-3000:]
+    assert all(short.name in line for line in lines), lines
+    assert "exitcode  : 2" in err and "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err
