@@ -59,6 +59,16 @@ def build_models(name: str, batch: int, seed: int) -> tuple[torch.nn.Module, tor
     return ours, theirs
 
 
+def official_copy(ours: torch.nn.Module) -> torch.nn.Module:
+    """The official network (benchmarks/official_dit.py) holding our model's weights."""
+    from benchmarks.official_dit import OfficialDiT
+
+    official = OfficialDiT(input_size=32, patch_size=ours.patch_size, in_channels=4, hidden_size=ours.hidden_size,
+                           depth=ours.depth, num_heads=ours.num_heads, num_classes=1000)
+    official.load_state_dict(ours.state_dict())
+    return official
+
+
 class Stepper:
     """One training step of a model on fixed data; `forward` adapts the call convention."""
 
@@ -147,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
     ap.add_argument("--no-ckpt", action="store_true", help="skip the gradient checkpointing measurement")
     ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--official", action="store_true",
+                    help="also time the official network (benchmarks/official_dit.py): the plain model, op for op")
     ap.add_argument("--profile", default="", help="print the top ops of one step of ours in this precision")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="write the results here")
@@ -181,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             steppers["diffusers"] = Stepper(theirs, diffusers_forward, data, precision)
         if args.compile:
             steppers["ours_compiled"] = Stepper(torch.compile(ours), ours_forward, data, precision)
+        if args.official:
+            steppers["official"] = Stepper(official_copy(ours), ours_forward, data, precision)
         times = time_alternating(steppers, args.reps, args.warmup, clock)
         res = summary(times, args.batch)
         if theirs is not None:
@@ -188,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             res["speedup_pairs_median"] = statistics.median(d / o for d, o in zip(times["diffusers"], times["ours"]))
             if args.compile:
                 res["compiled_speedup_vs_diffusers"] = res["diffusers"]["median_s"] / res["ours_compiled"]["median_s"]
+            if args.official:
+                res["official_speedup_vs_diffusers"] = res["diffusers"]["median_s"] / res["official"]["median_s"]
         results[precision] = res
         print(f"[{precision}] " + ", ".join(f"{n}: {r['img_per_s']:.2f} img/s" for n, r in res.items()
                                            if isinstance(r, dict))
