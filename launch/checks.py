@@ -43,8 +43,8 @@ def _fmt(v: Number) -> str:
 class Range:
     """The valid values of a number: ``lo..hi``, each end closed unless marked open.
 
-    ``why`` says why a bound is where it is when that is a judgement (e.g. an upper bound that catches a typo); it is
-    part of the error message.
+    ``why`` says why the upper bound is where it is when that is a judgement (e.g. a bound that catches a typo, or
+    one that keeps memory finite); it is part of the message for a value above the range.
     """
 
     lo: Number
@@ -61,12 +61,12 @@ class Range:
 
     def problem(self, value: Number) -> Optional[str]:
         """None when ``value`` lies in the range, else what is wrong with it, in a few words (no key or flag)."""
-        why = f" ({self.why})" if self.why else ""
         if isinstance(value, float) and not math.isfinite(value):
-            return f"{value} is not a finite number; valid range {self}{why}"
-        if value < self.lo or (self.lo_open and value == self.lo) or value > self.hi or \
-                (self.hi_open and value == self.hi):
-            return f"{value} is out of range {self}{why}"
+            return f"{value} is not a finite number; valid range {self}"
+        if value < self.lo or (self.lo_open and value == self.lo):
+            return f"{value} is out of range {self}"
+        if value > self.hi or (self.hi_open and value == self.hi):
+            return f"{value} is out of range {self}" + (f" ({self.why})" if self.why else "")
         return None
 
 
