@@ -97,8 +97,9 @@ def iter_npz_images(path: Union[str, os.PathLike], chunk: int = 256) -> Iterator
     """
     try:
         data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:  # not a zip (np.load then guesses a pickle, which it refuses)
-        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
+    except (ValueError, OSError) as err:  # not a zip: np.load then guesses a pickle, which it refuses (rightly)
+        raise ValueError(f"{path}: not a readable .npz file (a zip of .npy arrays with arr_0; "
+                         f"{type(err).__name__})") from None
     if not hasattr(data, "files"):  # a bare .npy array
         raise ValueError(f"{path}: a single .npy array, not an .npz with arr_0 (ADM sample batch)")
     with data:

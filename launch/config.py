@@ -37,7 +37,7 @@ EVAL_SAMPLES_WHY = "rank 0 holds 12 KB of Inception features per sample"
 MAX_CFG = 100.0
 SEED_WHY = "seeds are 32-bit: a larger one would alias a smaller one"
 SIDE_WHY = "a larger side is more tokens than attention holds"
-ETA_WHY = "DDIM: 0 deterministic, 1 DDPM-like; above 1 the update has no real solution"
+ETA_WHY = "DDIM: 0 deterministic, 1 DDPM-like; above 1 the update takes the root of a negative number"
 
 
 class ConfigError(ValueError):
