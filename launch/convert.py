@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from dit.convert import (ConversionError, diffusers_kwargs, diffusers_to_ours, official_kwargs,  # noqa: E402
                          official_to_ours, strip_prefixes)
 from dit.models import DiT, preset_kwargs  # noqa: E402
+from launch.checks import OneLineParser, Range, number_arg, output_dir_problem  # noqa: E402
 
 METADATA_KEY = "ditstack"
 # The diffusion every official and diffusers DiT checkpoint was trained with (dit.diffusion.create_diffusion kwargs).
@@ -136,27 +137,36 @@ def write_safetensors(sd: dict[str, torch.Tensor], out: Path, metadata: dict[str
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description="Convert an official or diffusers DiT checkpoint to ditstack "
-                                             "safetensors.")
+    ap = OneLineParser(description="Convert an official or diffusers DiT checkpoint to ditstack safetensors.")
     ap.add_argument("--from", dest="source", required=True, choices=["official", "diffusers"])
     ap.add_argument("input", help="checkpoint file (.pt/.pth/.safetensors) or diffusers model directory")
     ap.add_argument("--out", required=True, help="output .safetensors")
     ap.add_argument("--model", default=None, help="preset name (e.g. DiT-XL/2): checked against the weights; "
                                                   "gives num_heads")
-    ap.add_argument("--num-heads", type=int, default=None, help="attention heads (not stored in the weights)")
-    ap.add_argument("--input-size", type=int, default=None, help="latent side (diffusers bare weights only)")
+    ap.add_argument("--num-heads", type=number_arg(int, Range(1, 1024)), default=None,
+                    help="attention heads (not stored in the weights; must divide the hidden size)")
+    ap.add_argument("--input-size", type=number_arg(int, Range(1, 4096)), default=None,
+                    help="latent side (diffusers bare weights only)")
     ap.add_argument("--numerics", choices=["diffusers", "official"], default="diffusers",
                     help="--from diffusers: reproduce diffusers' outputs exactly (default) or use the official "
                          "DiT's timestep frequencies and LayerNorm eps")
     ap.add_argument("--vae", default=None, help="VAE the model's latents come from (recorded in the metadata)")
-    ap.add_argument("--latent-scale", type=float, default=0.18215, help="latent scale factor recorded with --vae")
+    ap.add_argument("--latent-scale", type=number_arg(float, Range(0.0, 1000.0, lo_open=True)), default=0.18215,
+                    help="latent scale factor recorded with --vae")
     args = ap.parse_args(argv)
     try:
         out = Path(args.out)
         if out.suffix != ".safetensors":
             raise CLIError(f"--out {out}: must end in .safetensors")
+        if out.is_dir():
+            raise CLIError(f"--out {out}: is a directory; give the .safetensors path")
+        if output_dir_problem(out.parent):
+            raise CLIError(f"--out {out}: {output_dir_problem(out.parent)}")
         sd, kwargs = convert(args.source, Path(args.input), model=args.model, num_heads=args.num_heads,
                              input_size=args.input_size, numerics=args.numerics)
+        hidden = kwargs.get("hidden_size")
+        if args.num_heads is not None and hidden and hidden % args.num_heads:
+            raise CLIError(f"--num-heads {args.num_heads}: does not divide the checkpoint's hidden size {hidden}")
         try:
             DiT(**kwargs).load_state_dict(sd, strict=True)  # refuse to write something that does not load
         except RuntimeError as exc:
@@ -171,7 +181,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "data": data, "latent": latent, "step": None,
                 "source": {"format": args.source, "path": str(Path(args.input).resolve()),
                            "numerics": args.numerics if args.source == "diffusers" else "official"}}
-        write_safetensors(sd, out, meta)
+        try:
+            write_safetensors(sd, out, meta)
+        except OSError as exc:  # a full disk, a read-only directory: the temporary file is removed, --out untouched
+            raise CLIError(f"--out {out}: cannot write ({exc.strerror or exc})") from exc
     except (CLIError, ConversionError, ValueError) as exc:
         print(f"convert.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -162,21 +162,23 @@ def iter_shard_images(shards: str, batch_size: int, seed: int = 0, max_images: O
 
 
 def _parser() -> argparse.ArgumentParser:
-    from launch.config import add_config_args
+    from launch.checks import OneLineParser, Range, device_arg, number_arg
+    from launch.config import TrainConfig, add_config_args, field_range
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, required=False)
     p.add_argument("--vae", required=True, help="our .safetensors / checkpoint or run dir, or a diffusers directory")
     p.add_argument("--shards", default=None, help="held-out image shards (default: data.val_shards, else data.shards)")
     p.add_argument("--out", required=True, help="output directory for reconstruct.json and reconstruct_grid.png")
-    p.add_argument("--num-images", type=int, default=1000, help="images to evaluate (0: the whole pass)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--grid-images", type=int, default=16, help="images shown in the grid")
+    p.add_argument("--num-images", type=number_arg(int, Range(0, 2**63 - 1)), default=1000,
+                   help="images to evaluate (0: the whole pass)")
+    p.add_argument("--batch-size", type=number_arg(int, Range(1, 65536)), default=64)
+    p.add_argument("--grid-images", type=number_arg(int, Range(1, 1024)), default=16,
+                   help="images shown in the grid (at most one batch)")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     p.add_argument("--sample", action="store_true", help="decode a posterior sample instead of the mean")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=number_arg(int, field_range(TrainConfig, "seed")), default=0)
+    p.add_argument("--device", type=device_arg, default=None, help="default: cuda if available, else cpu")
     p.add_argument("--no-tf32", action="store_true", help="GPUs: exact fp32 matmuls/convolutions (default: TF32 "
                                                           "on Ampere and newer)")
     return p
@@ -184,6 +186,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     """CLI entry point; returns the exit status (2 for a bad config or input)."""
+    from launch.checks import output_dir_problem
     from launch.config import config_from_args, load_config
     from launch.tf32 import configure_tf32
     from launch.vae_io import LPIPSWeightsMissing, VAELoadError, build_perceptual, load_vae
@@ -195,6 +198,10 @@ def main(argv: Optional[list] = None) -> int:
     if not shards:
         print("error: no shards given (--shards, data.val_shards or data.shards)", file=sys.stderr)
         return 2
+    problem = output_dir_problem(args.out)
+    if problem:  # checked before the VAE is loaded and the images are reconstructed
+        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     configure_tf32(device, not args.no_tf32)
     try:
@@ -205,7 +212,8 @@ def main(argv: Optional[list] = None) -> int:
         images = iter_shard_images(shards, args.batch_size, seed=args.seed, max_images=args.num_images or None)
         res = evaluate_reconstruction(vae, images, perceptual, sample=args.sample, generator=gen)
     except (VAELoadError, LPIPSWeightsMissing, FileNotFoundError, ValueError) as err:
-        print(f"error: {str(err).splitlines()[0] if str(err) else err!r}", file=sys.stderr)
+        message = str(err).splitlines()[0] if str(err) else repr(err)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     out = Path(args.out)
     x, rec = res.pop("first")

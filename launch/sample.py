@@ -13,6 +13,11 @@
 Sample ``i`` uses seed ``launch.inference.sample_seed(seed, i)``: it depends on the seed, its index and its label
 only, never on the batch size (the same rule as eval/fid.py).
 
+Every flag is checked before any weight is read (one line on stderr, exit status 2): numbers against their ranges
+(those of the config's ``sample`` section), ``--steps`` against the checkpoint's diffusion steps, ``--guide-channels``
+against the model's input channels, ``--num`` at most ``MAX_NUM`` (every image is held in memory for the grid; larger
+sets: ``eval/fid.py --save-npz``, which streams to disk), output paths against what is on disk.
+
 Exit status: 0 done, 2 bad input (unknown label, unreadable checkpoint, bad flag).
 """
 from __future__ import annotations
@@ -31,7 +36,14 @@ if __package__ in (None, ""):  # `python launch/sample.py` from a checkout witho
 import numpy as np
 import torch
 
+from launch.checks import (OneLineParser, Range, device_arg, guide_channels_arg, number_arg,  # noqa: E402
+                           output_dir_problem)
+from launch.config import EvalConfig, SampleConfig, field_range  # noqa: E402
+
 EXIT_BAD_INPUT = 2
+# All images and the grid are held in memory (10,000 at 256 px: 2 GB each); larger sets go through eval/fid.py.
+MAX_NUM = 10_000
+NUM_RANGE = Range(1, MAX_NUM, why="every image is held in memory for the grid; for more use eval/fid.py --save-npz")
 UNCONDITIONAL_DIR = "unconditional"  # the single "class" directory of an unconditional model's samples
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,6 +61,8 @@ def resolve_labels(tokens: Optional[Sequence[str]], num: Optional[int], num_clas
     ``tokens`` are class names (from the checkpoint's data.class_names; a name wins over an index) or indices.
     Without tokens, a conditional model draws ``num`` samples cycling through the classes.
     """
+    if num is not None and num <= 0:
+        raise SampleError(f"--num {num}: must be a positive number of samples")
     if num_classes == 0:
         if tokens:
             raise SampleError("the model is unconditional: use --num N instead of --labels")
@@ -121,30 +135,36 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line arguments of the sampler."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="checkpoint dir, run dir (latest checkpoint) or .safetensors")
     ap.add_argument("--labels", nargs="+", default=None, help="class names or indices, one per sample")
-    ap.add_argument("--num", type=int, default=None, help="number of samples (unconditional models, or cycling "
-                                                          "through the classes when --labels is not given)")
-    ap.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
+    ap.add_argument("--num", type=number_arg(int, NUM_RANGE), default=None,
+                    help=f"number of samples, 1..{MAX_NUM} (unconditional models, or cycling through the classes "
+                         f"when --labels is not given)")
+    ap.add_argument("--cfg-scale", type=number_arg(float, field_range(SampleConfig, "cfg_scale")), default=4.0,
+                    help="classifier-free guidance scale (1 = none)")
     ap.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    ap.add_argument("--steps", type=int, default=50, help="sampling steps (respacing of the trained process)")
-    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    ap.add_argument("--guide-channels", default="all", help="'all' or N leading channels (3 = official DiT)")
-    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
+    ap.add_argument("--steps", type=number_arg(int, field_range(SampleConfig, "steps")), default=50,
+                    help="sampling steps (respacing of the trained process; at most its diffusion steps)")
+    ap.add_argument("--eta", type=number_arg(float, field_range(SampleConfig, "eta")), default=0.0,
+                    help="DDIM eta (0 = deterministic)")
+    ap.add_argument("--guide-channels", type=guide_channels_arg, default="all",
+                    help="'all' or N leading channels (3 = official DiT), at most the model's input channels")
+    ap.add_argument("--guidance-interval", type=number_arg(float, field_range(SampleConfig, "guidance_interval")),
+                    nargs=2, default=None, metavar=("T_LO", "T_HI"),
                     help="apply CFG only for training timesteps in [T_LO, T_HI]")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=number_arg(int, field_range(SampleConfig, "seed")), default=0)
+    ap.add_argument("--batch-size", type=number_arg(int, field_range(EvalConfig, "batch_size")), default=64)
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="DiT autocast dtype")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--device", type=device_arg, default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--no-tf32", action="store_true", help="GPUs: exact fp32 matmuls/convolutions (default: TF32 "
                                                           "on Ampere and newer)")
     ap.add_argument("--vae", default=None, help="override the VAE named in the checkpoint")
     ap.add_argument("--out", default="samples/grid.png", help="grid PNG path")
     ap.add_argument("--images-dir", default=None, help="ImageFolder root of the single images (default: the "
                                                        "grid's directory)")
-    ap.add_argument("--nrow", type=int, default=None, help="images per grid row (default: ~sqrt(N))")
+    ap.add_argument("--nrow", type=number_arg(int, Range(1, MAX_NUM)), default=None,
+                    help="images per grid row (default: ~sqrt(N))")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
 
@@ -152,6 +172,36 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def _fail(message: str) -> int:
     sys.stderr.write(f"error: {message}\n")
     return EXIT_BAD_INPUT
+
+
+def _flag_problem(args: argparse.Namespace, out: Path, images_root: Path) -> Optional[str]:
+    """What is wrong with the flags on their own (before the checkpoint is opened), as one line; None if nothing."""
+    if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
+        lo, hi = args.guidance_interval
+        return f"--guidance-interval {lo:g} {hi:g}: T_LO must not exceed T_HI"
+    if out.suffix.lower() != ".png":
+        return f"--out {out}: the grid is written as PNG; give a path ending in .png"
+    if out.is_dir():
+        return f"--out {out}: is a directory; give the grid's .png path"
+    for flag, given, path in (("--out", out, out.parent), ("--images-dir", images_root, images_root)):
+        problem = output_dir_problem(path)
+        if problem:
+            return f"{flag} {given}: {problem}"
+    if args.vae is not None and not Path(args.vae).exists():
+        return f"--vae {args.vae}: no such file or directory"
+    return None
+
+
+def _checkpoint_problem(args: argparse.Namespace, meta: dict) -> Optional[str]:
+    """What is wrong with the flags given the checkpoint's metadata (its process and channels); None if nothing."""
+    steps = int((meta.get("diffusion") or {}).get("diffusion_steps", 1000))
+    if args.steps > steps:
+        return f"--steps {args.steps}: the checkpoint's diffusion has {steps} steps; pass 1..{steps}"
+    channels = int(meta["model"].get("in_channels", 4))
+    if args.guide_channels != "all" and int(args.guide_channels) > channels:
+        return (f"--guide-channels {args.guide_channels}: the model has {channels} input channel(s); pass 'all' "
+                f"or 1..{channels}")
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -162,30 +212,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from launch.visuals import save_image_grid
 
     gc = args.guide_channels
-    if gc != "all" and not (gc.isdigit() and int(gc) > 0):
-        return _fail(f"--guide-channels must be 'all' or a positive int, got {gc!r}")
-    if args.steps <= 0 or args.batch_size <= 0:
-        return _fail("--steps and --batch-size must be > 0")
     out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        return _fail(f"--out {out}: the grid is written as PNG; give a path ending in .png")
+    images_root = Path(args.images_dir) if args.images_dir else out.parent
+    problem = _flag_problem(args, out, images_root)
+    if problem:
+        return _fail(problem)
     try:
-        _, meta = read_checkpoint_meta(args.ckpt)  # cheap: labels are checked before any weight is read
+        _, meta = read_checkpoint_meta(args.ckpt)  # cheap: settings are checked before any weight is read
+        problem = _checkpoint_problem(args, meta)
+        if problem:
+            return _fail(problem)
         num_classes = int(meta["model"].get("num_classes", 0))
         class_names = list((meta.get("data") or {}).get("class_names") or [])
         labels = resolve_labels(args.labels, args.num, num_classes, class_names)
+        if labels is not None and len(labels) > MAX_NUM:
+            return _fail(f"--labels: {len(labels)} labels; at most {MAX_NUM} samples per call ({NUM_RANGE.why})")
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tf32 = configure_tf32(device, not args.no_tf32)
         gen, meta = load_checkpoint(args.ckpt, device, vae=args.vae)
     except (SampleError, InferenceError) as err:
         return _fail(str(err))
-    except (OSError, RuntimeError) as err:  # e.g. a bad --device or an unreadable VAE override
+    except (OSError, RuntimeError) as err:  # e.g. an unreadable VAE override
         return _fail(f"{args.ckpt}: {type(err).__name__}: {err}")
     n = len(labels) if labels is not None else int(args.num)
     cfg_scale = args.cfg_scale if num_classes > 0 else 1.0
     seeds = [sample_seed(args.seed, i) for i in range(n)]
     dir_names = class_dir_names(num_classes, class_names)
-    images_root = Path(args.images_dir) if args.images_dir else out.parent
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -203,14 +255,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             chunks.append(imgs)
             if bar is not None:
                 bar.update(len(imgs))
+        images = np.concatenate(chunks)
+        nrow = args.nrow or max(1, math.ceil(math.sqrt(n)))
+        save_image_grid(images, out, nrow=nrow)
     except InferenceError as err:
         return _fail(str(err))
+    except OSError as err:  # a full disk, a directory made read-only meanwhile: what was written stays whole
+        return _fail(f"writing samples: {err.strerror or err} ({err.filename or out})")
     finally:
         if bar is not None:
             bar.close()
-    images = np.concatenate(chunks)
-    nrow = args.nrow or max(1, math.ceil(math.sqrt(n)))
-    save_image_grid(images, out, nrow=nrow)
     record = {"grid": str(out), "images_dir": str(images_root), "images": paths,
               "labels": labels, "class_names": [dir_names[l] for l in labels] if labels is not None else None,
               "seeds": seeds, "checkpoint": meta["weights_file"], "step": meta.get("step"),

@@ -44,16 +44,132 @@ def test_overrides_parse_yaml_scalars(tmp_path):
     ("model.name=DiT-XXL/2", "model.name: unknown model 'DiT-XXL/2'; valid choices: DiT-XL/2"),
     ("diffusion.noise_schedule=sqrt", "diffusion.noise_schedule: invalid value 'sqrt'; valid choices: linear, cosine"),
     ("train.deepspeed.zero_stage=4", "train.deepspeed.zero_stage: invalid value 4; valid choices: 0, 1, 2, 3"),
-    ("train.ema_decay=1.5", "train.ema_decay: must be in [0, 1)"),
-    ("train.ema_every=0", "train.ema_every: must be > 0, got 0"),
+    ("train.ema_decay=1.5", "train.ema_decay: 1.5 is out of range [0, 1)"),
+    ("train.ema_decay=1.0", "train.ema_decay: 1.0 is out of range [0, 1)"),  # the open end
+    ("train.ema_every=0", "train.ema_every: 0 is out of range [1, 10^6]"),
     ("model.qk_norm=maybe", "model.qk_norm: expected bool"),
     ("sample.guide_channels=some", "sample.guide_channels: expected 'all' or a positive int"),
+    ("eval.guide_channels=0", "eval.guide_channels: expected 'all' or a positive int"),
+    # item 7 of issue 14: every number has a range; NaN and infinities never pass
+    ("train.lr=nan", "train.lr: nan is not a finite number; valid range (0, 1]"),
+    ("train.lr=.nan", "train.lr: nan is not a finite number"),
+    ("train.lr=1e400", "train.lr: inf is not a finite number; valid range (0, 1]"),  # YAML: a string, float() -> inf
+    ("train.lr=1.0e+400", "train.lr: inf is not a finite number"),  # YAML: a float, already inf
+    ("train.lr=-.inf", "train.lr: -inf is not a finite number"),
+    ("train.lr=0", "train.lr: 0.0 is out of range (0, 1]"),
+    ("train.max_steps=99999999999999999999999",
+     "train.max_steps: 99999999999999999999999 is out of range [1, 10^12] (more steps than any run takes"),
+    ("train.max_steps=0", "train.max_steps: 0 is out of range [1, 10^12]"),
+    ("train.betas=[0.9, 1.5]", "train.betas[1]: 1.5 is out of range [0, 1)"),
+    ("train.seed=-1", "train.seed: -1 is out of range [0, 2^32-1]"),
+    ("train.seed=4294967296", "train.seed: 4294967296 is out of range [0, 2^32-1] (seeds are 32-bit"),
+    ("train.dist_timeout_minutes=inf", "train.dist_timeout_minutes: inf is not a finite number"),
+    ("train.micro_batch_size=0", "train.micro_batch_size: 0 is out of range [1, 2^20]"),
+    ("train.global_batch_size=-8", "train.global_batch_size: -8 is out of range [1, 2^20]"),
+    ("train.max_bad_steps=0", "train.max_bad_steps: 0 is out of range [1, 10^6]"),
+    ("train.eval_num_samples=1", "train.eval_num_samples: 1 is out of range [2, 10^6]"),
+    ("model.class_dropout_prob=1.5", "model.class_dropout_prob: 1.5 is out of range [0, 1]"),
+    ("model.class_dropout_prob=-0.1", "model.class_dropout_prob: -0.1 is out of range [0, 1]"),
+    ("model.mlp_ratio=0", "model.mlp_ratio: 0.0 is out of range (0, 64]"),
+    ("model.input_size=100000", "model.input_size: 100000 is out of range [1, 4096]"),
+    ("data.num_workers=-1", "data.num_workers: -1 is out of range [0, 256]"),
+    ("diffusion.diffusion_steps=0", "diffusion.diffusion_steps: 0 is out of range [1, 10^5]"),
+    ("sample.eta=1.5", "sample.eta: 1.5 is out of range [0, 1] (DDIM"),
+    ("sample.cfg_scale=nan", "sample.cfg_scale: nan is not a finite number; valid range [0, 100]"),
+    ("eval.guidance_interval=[-1, 500]", "eval.guidance_interval[0]: -1.0 is out of range [0, 10^5]"),
+    ("eval.batch_size=0", "eval.batch_size: 0 is out of range [1, 65536]"),
+    ("vae.channel_mult=[1, 0]", "vae.channel_mult[1]: 0 is out of range [1, 64]"),
+    ("vae.num_res_blocks=0", "vae.num_res_blocks: 0 is out of range [1, 64]"),
+    ("vae.perceptual.weight=-1", "vae.perceptual.weight: -1.0 is out of range [0, 100]"),
+    ("vae.disc_lr=nan", "vae.disc_lr: nan is not a finite number"),
 ])
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    # item 5 of issue 14: an architecture that cannot be built is refused by the schema, with the preset resolved
+    (["model.num_heads=7"], "model.num_heads: 7 does not divide the DiT-S/2 preset's hidden_size 384 (attention"),
+    (["model.name=DiT-B/4", "model.hidden_size=100"],
+     "model.hidden_size: 100 is not divisible by the DiT-B/4 preset's num_heads 12; set model.num_heads too"),
+    (["model.hidden_size=130", "model.num_heads=1"], "model.hidden_size: 130 is not a multiple of 4"),
+    (["model.name=custom", "model.hidden_size=64", "model.depth=2", "model.num_heads=3", "model.patch_size=2"],
+     "model.num_heads: 3 does not divide model.hidden_size=64 (attention splits the hidden size into equal heads; "
+     "divisors of 64: 1, 2, 4, 8, 16, 32, 64)"),
+    (["model.name=DiT-S/4", "model.input_size=30"], "model.input_size: 30 is not a multiple of the DiT-S/4 preset's "
+                                                    "patch_size 4"),
+    (["model.patch_size=4", "model.input_size=30"], "model.patch_size: 4 does not divide model.input_size=30"),
+    (["sample.steps=5000"], "sample.steps: 5000 exceeds diffusion.diffusion_steps=1000 (sampling respaces the "
+                            "trained process: 1..1000)"),
+    (["diffusion.diffusion_steps=100", "eval.steps=250"], "eval.steps: 250 exceeds diffusion.diffusion_steps=100"),
+    (["model.in_channels=4", "sample.guide_channels=9"], "sample.guide_channels: 9 exceeds model.in_channels=4"),
+    (["eval.guide_channels=2000"], "eval.guide_channels: 2000 exceeds the limit 1024"),
+    (["diffusion.diffusion_steps=20"], "diffusion.diffusion_steps: 20 is too few for the linear schedule"),
+    (["train.micro_batch_size=512"], "train.micro_batch_size: 512 exceeds train.global_batch_size=256"),
+    (["vae.channel_mult=[]"], "vae.channel_mult: expected 1 to 8 levels"),
+])
+def test_semantic_checks_name_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_values_at_the_bounds_and_fixed_semantics_pass():
+    cfg = load_config(None, ["train.ema_decay=0", "train.lr=1", "model.class_dropout_prob=1", "train.seed=4294967295",
+                             "train.max_steps=1000000000000", "sample.guide_channels=3", "eval.guide_channels=all",
+                             "model.num_heads=3", "diffusion.noise_schedule=cosine", "diffusion.diffusion_steps=10",
+                             "sample.steps=10", "eval.steps=10"])
+    assert cfg.train.max_steps == 10**12 and cfg.train.seed == 2**32 - 1 and cfg.train.lr == 1.0
+    assert cfg.sample.guide_channels == "3"  # YAML's int 3 is stored as the string the samplers and CLIs use
+    assert cfg.model.num_heads == 3  # 3 divides DiT-S/2's 384
+
+
+def _numeric(tp) -> bool:
+    """Whether an annotation is a number, an optional number or a list of numbers (bool and choices excluded)."""
+    import typing
+
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return False
+    if origin in (typing.Union, list) or str(origin) == "<class 'types.UnionType'>":
+        return any(_numeric(a) for a in typing.get_args(tp) if a is not type(None))
+    return tp in (int, float)
+
+
+def test_every_numeric_key_declares_a_range():
+    import dataclasses
+    import typing
+
+    from launch import config as config_mod
+
+    missing, checked = [], 0
+
+    def walk(cls, prefix):
+        nonlocal checked
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            elif _numeric(tp):
+                checked += 1
+                if not isinstance(f.metadata.get("range"), config_mod.Range):
+                    missing.append(prefix + f.name)
+
+    walk(config_mod.Config, "")
+    assert checked > 50 and not missing, missing
+
+
+def test_config_reference_shows_the_ranges():
+    from launch.config_reference import reference
+
+    rows = {line.split("|")[1].strip(" `"): line for line in reference().splitlines() if line.startswith("| `")}
+    assert "| [1, 10^12] (more steps than any run takes: a typo?) |" in rows["train.max_steps"]
+    assert "| (0, 1] |" in rows["train.lr"] and "| [0, 1) |" in rows["train.ema_decay"]
 
 
 def test_bad_files(tmp_path):
