@@ -159,28 +159,46 @@ def make_shards(source: str, out: str | os.PathLike, *, image_size: Optional[int
     return mf.finish_manifest(out, rank, world_size, signature, body, merge, timeout=merge_timeout)
 
 
+def _bounded(kind: type, lo: float, hi: float):
+    """An argparse type: a `kind` number in [lo, hi] (finite), else one-line usage error naming the range."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not lo <= value <= hi:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"{text} is out of range [{lo:g}, {hi:g}]")
+        return value
+    return parse
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (no usage block)
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = _OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", required=True, choices=SOURCES)
     p.add_argument("--out", required=True, help="output directory for NAME-%%06d.tar and manifest.json")
     p.add_argument("--root", help="input folder (folder, celeba)")
-    p.add_argument("--image-size", type=int, default=None, help="side after centre crop (default 32 mnist, 256 else)")
+    p.add_argument("--image-size", type=_bounded(int, 8, 8192), default=None, help="side after centre crop (default 32 mnist, 256 else)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="default 1 for mnist, 3 else")
     p.add_argument("--format", default="png", choices=("png", "jpg", "jpeg"))
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
-    p.add_argument("--workers", type=int, default=1, help="processes encoding images on this rank")
+    p.add_argument("--quality", type=_bounded(int, 1, 100), default=95, help="JPEG quality")
+    p.add_argument("--shard-size", type=_bounded(int, 1, 10**7), default=1000, help="samples per tar")
+    p.add_argument("--workers", type=_bounded(int, 1, 1024), default=1, help="processes encoding images on this rank")
     p.add_argument("--rank", type=int, default=None, help="writer rank (default: RANK or SLURM_PROCID, else 0)")
     p.add_argument("--world-size", type=int, default=None, help="writer ranks (default: WORLD_SIZE/SLURM_NTASKS)")
     p.add_argument("--label-attr", default=None, help="celeba: label by this attribute (e.g. Male)")
     p.add_argument("--attr-file", default=None, help="celeba: attribute file (default: found beside the images)")
-    p.add_argument("--max-samples", type=int, default=None, help="keep a seeded random subset of this size")
+    p.add_argument("--max-samples", type=_bounded(int, 1, 10**12), default=None, help="keep a seeded random subset of this size")
     p.add_argument("--split", default="all", choices=("all", "train", "val"))
-    p.add_argument("--val-fraction", type=float, default=0.05, help="held-out fraction for --split train/val")
+    p.add_argument("--val-fraction", type=_bounded(float, 1e-6, 0.999999), default=0.05, help="held-out fraction for --split train/val")
     p.add_argument("--seed", type=int, default=0, help="seed of the item order across shards")
     p.add_argument("--name", default=None, help="shard name prefix (default: the split, or 'data')")
-    p.add_argument("--merge-timeout", type=float, default=24 * 3600.0, help="rank 0: seconds to wait for ranks")
+    p.add_argument("--merge-timeout", type=_bounded(float, 1.0, 30 * 24 * 3600.0), default=24 * 3600.0, help="rank 0: seconds to wait for ranks")
     return p
 
 

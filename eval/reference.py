@@ -8,7 +8,6 @@ pass them to ``eval/fid.py --ref`` as they are.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import os

@@ -48,6 +48,10 @@ def model_kwargs(cfg: Config, manifest: dict) -> dict[str, Any]:
         channels, size = int(latent["shape"][0]), int(latent["shape"][1])
     else:
         channels, size = int(manifest["channels"]), int(manifest["image_size"])
+    for section in ("sample", "eval"):
+        gc = getattr(cfg, section).guide_channels
+        if gc != "all" and int(gc) > channels:
+            raise ConfigError(f"{section}.guide_channels: {gc} exceeds the {channels} channels of the shards")
     if m.in_channels is not None and m.in_channels != channels:
         raise ConfigError(f"model.in_channels={m.in_channels} but the shards hold {channels} channels")
     if m.input_size is not None and m.input_size != size:

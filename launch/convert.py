@@ -11,7 +11,6 @@ line and exit with status 2.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

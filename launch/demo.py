@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # `python launch/demo.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
+from launch.checks import OneLineParser  # noqa: E402
+
 TARGET_ACCURACY = 0.95
 SAMPLES_PER_CLASS = 8  # the grid: 10 columns (one per digit) x 8 rows
 
@@ -253,7 +255,7 @@ def print_summary(record: dict) -> None:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line arguments of the demo."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="output directory (default runs/demo, runs/demo_quick with --quick)")
     ap.add_argument("--quick", action="store_true", help="a reduced run for CI (a few minutes; metric above chance)")
     ap.add_argument("--pixels", action="store_true", help="train the DiT on pixels instead (no VAE, no latents)")

@@ -36,6 +36,8 @@ if __package__ in (None, ""):  # `python launch/lr_find.py` from a checkout with
 import numpy as np
 import torch
 
+from launch.checks import OneLineParser
+
 log = logging.getLogger("launch.lr_find")
 
 EXIT_BAD_INPUT = 2
@@ -214,7 +216,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line arguments of the range test."""
     from launch.config import add_config_args
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    ap = OneLineParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_args(ap)
     ap.add_argument("--min-lr", type=float, default=1e-7)

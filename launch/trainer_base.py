@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from launch import checkpoint as ckpt_io
 from launch.builders import batch_layout, data_record
+from launch.checks import OneLineParser
 from launch.config import Config, ConfigError, add_config_args, config_from_args, config_to_dict
 from launch.distributed import DeviceLayoutError, DistInfo, barrier, cleanup, init_distributed
 from launch.progress import StepProgress
@@ -490,7 +491,7 @@ class MetricWindow:
 # ------------------------------------------------------------------------------------------------ entry point
 def parse_args(description: str, argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line arguments shared by the trainers."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = OneLineParser(description=description)
     add_config_args(parser)
     parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint of the run, if any) "
                                                        "or a checkpoint directory")

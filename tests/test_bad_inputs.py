@@ -226,3 +226,15 @@ def test_resolve_labels_names_a_bad_num():
         resolve_labels(None, -3, 10, [])
     with pytest.raises(SampleError, match=r"^--num 0: must be a positive"):
         resolve_labels(None, 0, 0, [])
+
+
+@pytest.mark.slow
+def test_trainer_usage_errors_and_guide_channels_beyond_the_shards_are_one_line(small_shards, tmp_path):
+    """launch/train.py's own argparse errors are one line; a guide_channels the shards cannot have stops before
+    training (not at the first sample grid)."""
+    proc = run_entry(["launch/train.py"], timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--config" in proc.stderr
+    proc = run_entry(["launch/train.py", "--config", "configs/runs/tiny_test.yaml", "--run-dir", str(tmp_path / "r"),
+                      "--set", f"data.shards={small_shards}", "--set", "sample.guide_channels=3"], timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "sample.guide_channels: 3 exceeds the 1 channels of the shards" in proc.stderr.strip().splitlines()[-1]

@@ -167,3 +167,16 @@ def test_rank_and_world_from_launcher_environment():
     assert rank_world_from_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}) == (1, 2)
     with pytest.raises(ValueError, match="invalid rank"):
         rank_world_from_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+@pytest.mark.parametrize("flag,value", [("--image-size", "-3"), ("--shard-size", "0"), ("--quality", "101"),
+                                        ("--val-fraction", "nan"), ("--workers", "0")])
+def test_make_shards_bad_numbers_are_one_line_naming_the_flag(flag, value, tmp_path):
+    """`--image-size -3` used to report every input as unreadable."""
+    from tests.conftest import run_entry
+
+    proc = run_entry(["data_pipeline/make_shards.py", "--source", "mnist", "--out", str(tmp_path / "o"), flag, value],
+                     timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and flag in lines[0] and value in lines[0], proc.stderr
+    assert not (tmp_path / "o").exists()
