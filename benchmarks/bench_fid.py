@@ -10,7 +10,7 @@
      batch [z, z], every step runs ``forward_with_cfg`` on all 2B rows and the diffusion update on all 2B rows, fp32
      weights under ``torch.autocast(bfloat16)`` (the issue's "official code in bf16").
    - ``official_loop_our_model``: the same loop around our DiT (isolates the network from the loop).
-   - ``ours``: ``launch.inference.Generator.sample_batch`` with ``dtype=bf16``: CFG wrapper (2B rows through the
+   - ``ours``: ``eval.inference.Generator.sample_batch`` with ``dtype=bf16``: CFG wrapper (2B rows through the
      blocks, B rows of sampler state) on a copy whose Linear/Conv weights are stored in bf16, which on the CPU
      runs oneDNN's fused linear(+GELU) and the flash attention kernel.
    Runs are interleaved, best of ``--reps`` after a warm-up. Target: official / ours >= 1.5x.
@@ -81,7 +81,7 @@ def bench_cfg(n: int, steps: int, reps: int, model_name: str, clock=time.perf_co
     from dit.diffusion import create_diffusion
     from dit.models import DiT_models
     from dit.samplers import sample
-    from launch.inference import Generator
+    from eval.inference import Generator
 
     torch.manual_seed(0)
     model = DiT_models[model_name](input_size=32, num_classes=1000).eval()

@@ -77,7 +77,7 @@ def write_reference(path: Path, seed: int = 1) -> None:
 def child(path: str, parts: Path, n: int, ref: Path, out: Path, save_npz: bool) -> Dict:
     """Rank 0's work after the barrier (merge, score, grid[, samples.npz]) with the new or the old functions."""
     from eval import fid
-    from launch.visuals import save_image_grid
+    from eval.visuals import save_image_grid
 
     s = fid.EvalSettings(num_samples=n, metrics=("fid", "is"), ref=str(ref), save_npz=save_npz, grid=64)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit.convert import diffusers_config, ours_to_diffusers  # noqa: E402
-from dit.models import DiT_models  # noqa: E402
+from dit.convert import diffusers_config, ours_to_diffusers
+from dit.models import DiT_models
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -29,15 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import torch  # noqa: E402
+import torch
 
-from data_pipeline.synthetic import write_latent_shards  # noqa: E402
-from dit.diffusion import create_diffusion  # noqa: E402
-from dit.models import DiT  # noqa: E402
-from launch.config import load_config  # noqa: E402
-from launch.distributed import init_distributed  # noqa: E402
-from launch.run_utils import PreemptionFlag  # noqa: E402
-from launch.train import Trainer  # noqa: E402
+from data_pipeline.dist_env import init_distributed
+from data_pipeline.synthetic import write_latent_shards
+from dit.diffusion import create_diffusion
+from dit.models import DiT
+from eval.config import load_config
+from launch.run_utils import PreemptionFlag
+from launch.train import Trainer
 
 log = logging.getLogger("bench_trainer_overhead")
 WARMUP = 3  # untimed steps before a breakdown: the first steps of a fresh model grow the heap (page faults)

@@ -19,7 +19,7 @@ tests, sync_zero0, train_bf16_compile, train_bf16_zero0 (the measurements first,
   equal) in the official training step: bf16 autocast forward, the diffusion loss, backward, ``torch.optim.AdamW``,
   the official per-parameter EMA update; same batch; timed with CUDA events. Our DiT in the same bare step too
   (separates the network from the trainer). Step ratio = official step time / trainer step time.
-- ``sampling``: CFG sampling (scale 1.5, DDPM) of 64 images in bf16: ours (``launch.inference.Generator
+- ``sampling``: CFG sampling (scale 1.5, DDPM) of 64 images in bf16: ours (``eval.inference.Generator
   .sample_batch``, what eval/fid.py runs) against the official loop (``forward_with_cfg`` on the doubled batch with
   the same diffusion); a fixed number of steps is timed and img/s is extrapolated to the 250-step target. Also the
   profiler's attention ops and flash kernels for a bf16 forward and training step, and the top GPU kernels.
@@ -78,7 +78,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
 log = logging.getLogger("gpu_check")
 
@@ -463,8 +463,8 @@ def _innermost_project_frame(stack: list[str]) -> Optional[str]:
 # ------------------------------------------------------------------------------------------------ children
 def _bench_model(spec: dict[str, Any]) -> tuple[Any, dict[str, Any], Any]:
     """(config, DiT kwargs, diffusion kwargs) of the bench config, as the trainer derives them."""
+    from eval.config import load_config
     from launch.builders import diffusion_kwargs, model_kwargs
-    from launch.config import load_config
 
     cfg = load_config(spec["config"], spec.get("sets", []))
     manifest = json.loads((Path(cfg.data.shards) / "manifest.json").read_text())
@@ -672,7 +672,7 @@ def child_sampling(spec: dict[str, Any]) -> dict[str, Any]:
     """CFG sampling in bf16, ours (Generator.sample_batch) vs the official loop; attention kernels; top kernels."""
     from dit.diffusion import create_diffusion
     from dit.samplers import sample
-    from launch.inference import Generator, sample_seed
+    from eval.inference import Generator, sample_seed
 
     cfg, kw, dkw = _bench_model(spec)
     s = spec["settings"]
@@ -789,8 +789,8 @@ def _top_kernels(prof: Any, n: int = 12) -> list[dict[str, Any]]:
 
 def child_sync(spec: dict[str, Any]) -> dict[str, Any]:
     """The Trainer built in-process; non-logging train_step() calls under the host-sync monitor."""
-    from launch.config import load_config
-    from launch.distributed import cleanup, init_distributed
+    from data_pipeline.dist_env import cleanup, init_distributed
+    from eval.config import load_config
     from launch.run_utils import setup_logging
     from launch.train import Trainer
 

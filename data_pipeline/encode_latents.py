@@ -34,10 +34,12 @@ import numpy as np
 import torch
 
 from data_pipeline import manifest as mf
-from data_pipeline.dist_env import rank_world_from_env
+from data_pipeline.devices import DeviceLayoutError, configure_tf32, select_device
+from data_pipeline.dist_env import local_world_size, rank_world_from_env
 from data_pipeline.imaging import IMAGE_EXTS, decode_to_array
 from data_pipeline.order import mix64
 from data_pipeline.tario import ShardReader, ShardWriter
+from data_pipeline.vae_io import load_vae
 
 log = logging.getLogger(__name__)
 
@@ -247,15 +249,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     rank, world = rank_world_from_env()
     device = args.device
-    from launch.distributed import DeviceLayoutError, local_world_size, select_device
-    from launch.tf32 import configure_tf32
 
     try:
         if device is None:
             local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
             device = str(select_device(local_rank, local_world_size() if world > 1 else 1))
         configure_tf32(torch.device(device), not args.no_tf32)
-        from launch.vae_io import load_vae
 
         vae = load_vae(args.vae, device=device)
         manifest = encode_shards(vae.encode, args.shards, args.out, rank=rank, world_size=world,

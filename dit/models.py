@@ -17,7 +17,6 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from dit.layers import BLOCKS, CONDITIONINGS, FinalLayer, LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed
 
-
 _MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 _ONEDNN_LINEAR = getattr(getattr(torch.ops.mkldnn, "_linear_pointwise", None), "default", None)
 

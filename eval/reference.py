@@ -21,9 +21,13 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval import inception  # noqa: E402
-from eval.metrics import Reference, save_reference  # noqa: E402
-from launch.checks import OneLineParser, Range, device_arg, number_arg, output_dir_problem  # noqa: E402
+from data_pipeline.checks import OneLineParser, Range, device_arg, number_arg, output_dir_problem
+from data_pipeline.imaging import IMAGE_EXTS
+from data_pipeline.manifest import load_spec
+from data_pipeline.tario import index_tar
+from eval import inception
+from eval.metrics import Reference, save_reference
+from eval.npzio import iter_member_rows
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,6 @@ def iter_shard_images(spec: Union[str, os.PathLike]) -> Iterator[Tuple[np.ndarra
     """(uint8 RGB [H, W, 3], label) of every image sample of an image shard set, in manifest order.
 
     The manifest is read (and a wrong kind refused) when this is called, not when the first image is drawn."""
-    from data_pipeline.manifest import load_spec
 
     manifest, paths = load_spec(spec)
     if manifest["kind"] != "image":
@@ -53,8 +56,6 @@ def iter_shard_images(spec: Union[str, os.PathLike]) -> Iterator[Tuple[np.ndarra
 
 
 def _shard_images(paths: list) -> Iterator[Tuple[np.ndarray, int]]:
-    from data_pipeline.imaging import IMAGE_EXTS
-    from data_pipeline.tario import index_tar
 
     for path in paths:
         idx = index_tar(path)
@@ -110,7 +111,6 @@ def iter_npz_images(path: Union[str, os.PathLike], chunk: int = 256) -> Iterator
 
 def _npz_images(path: Union[str, os.PathLike], labels: Optional[np.ndarray],
                 chunk: int) -> Iterator[Tuple[np.ndarray, int]]:
-    from eval.npzio import iter_member_rows
 
     n = 0
     for imgs in iter_member_rows(path, "arr_0", chunk):

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from launch.config import Config, ConfigError
+from dit.models import DiT_models, preset_kwargs
+from eval.config import Config, ConfigError
 
 
 def data_record(manifest: dict) -> dict:
@@ -30,7 +31,6 @@ def latent_record(manifest: dict) -> Optional[dict]:
 
 def model_kwargs(cfg: Config, manifest: dict) -> dict[str, Any]:
     """DiT constructor kwargs: the preset, the config's overrides, and sizes/classes from the manifest."""
-    from dit.models import DiT_models, preset_kwargs
 
     m = cfg.model
     if m.name == "custom":

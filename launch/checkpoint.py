@@ -1,217 +1,170 @@
-"""Checkpoint directories: written under a temporary name, renamed when complete, `latest` pointer, pruning.
+"""Writing and reading a run's training checkpoints: one object, `CheckpointStore`, owns both.
 
-Layout of `RUN/checkpoints/step_%07d/` (see docs/ARCHITECTURE.md): `meta.json`, `ema.safetensors` (a consolidated
-checkpoint on its own: its safetensors metadata holds the same meta under `ditstack`), `ds/` (the DeepSpeed engine
-state, or any other per-trainer state), `rank/rank_%05d.pt` (each rank's RNG states and data position).
-Because a directory only gets its final name after every rank finished writing, a `step_*` directory is complete
-by construction; a run killed mid-write leaves only a `.tmp-*` directory, which resume ignores and the next save
-removes.
+A checkpoint is written by every rank into a temporary directory, which rank 0 renames into place once every rank
+has written its part; `latest` then names it and old ones are pruned (the layout and the readers' side:
+eval/checkpoints.py). Every step of a save is agreed across the ranks, so a write that fails on one rank (a full
+disk, the run directory gone) stops every rank with one line naming the file, and the partial checkpoint is
+removed. What goes into a checkpoint comes from its owner, the trainer (`Checkpointable`).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
+from data_pipeline.dist_env import DistInfo, all_ranks_true
+from data_pipeline.files import atomic_write_text, fsync_dir
+from eval.checkpoints import (LATEST_FILE, META_FILE, CheckpointError, complete_checkpoints, find_latest,
+                              load_tensors_file, read_meta, step_dir, step_dir_name)
 
 log = logging.getLogger(__name__)
 
-STEP_DIR = re.compile(r"^step_(\d{7,})$")
-META_FILE = "meta.json"
-EMA_FILE = "ema.safetensors"
-LATEST_FILE = "latest"
+
+class Checkpointable(Protocol):
+    """What a trainer provides for its checkpoints."""
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """meta.json (collective: called on every rank)."""
+
+    def save_state(self, tmp: Path) -> None:
+        """Every rank writes its share of the state (e.g. the optimizer state) into `tmp` (collective)."""
+
+    def write_files(self, tmp: Path) -> None:
+        """Rank 0 writes its files into `tmp` (e.g. the EMA weights), before meta.json and the rename."""
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's private state (RNG states, data position, ...): tensors and JSON-able values."""
+
+    def load_state(self, path: Path, meta: dict[str, Any]) -> None:
+        """Restore the shared state (models, optimizers) from checkpoint `path`."""
+
+    def restore_rank_state(self, state: dict[str, Any]) -> None:
+        """Restore what `rank_state` returned (only on the number of ranks that wrote it)."""
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, described in one line naming it."""
+class CheckpointWriteError(OSError):
+    """A checkpoint write failed on another rank (its log names the file)."""
 
 
-def step_dir_name(step: int) -> str:
-    """Final directory name of the checkpoint taken after `step` optimizer steps."""
-    return f"step_{step:07d}"
+class CheckpointStore:
+    """The checkpoints under `root` (RUN/checkpoints) of a run with checkpoint format `fmt`."""
 
+    def __init__(self, root: Path, info: DistInfo, fmt: str, keep_last: int,
+                 format_hints: Optional[dict[str, str]] = None) -> None:
+        self.root, self.info, self.fmt, self.keep_last = Path(root), info, fmt, keep_last
+        self.format_hints = format_hints or {}
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old or the new content, never a torn file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    # ------------------------------------------------------------------------------------------------ reading
+    def resolve(self, resume: Optional[str]) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
+        """`--resume` (None, 'auto', a checkpoint or a checkpoints directory) → (checkpoint, its meta.json), or
+        (None, None) to start fresh. A checkpoint of another format is a CheckpointError."""
+        path = self._resolve_path(resume)
+        if path is None:
+            return None, None
+        meta = read_meta(path)
+        if meta.get("format") != self.fmt:
+            hint = self.format_hints.get(str(meta.get("format")), "")
+            raise CheckpointError(f"{path}: not a {self.fmt} checkpoint (format {meta.get('format')!r}){hint}")
+        return path, meta
 
+    def _resolve_path(self, resume: Optional[str]) -> Optional[Path]:
+        if resume is None or resume == "":
+            return None
+        if resume == "auto":
+            return find_latest(self.root)
+        path = Path(resume)
+        if path.is_dir() and path.name == "checkpoints":
+            found = find_latest(path)
+            if found is None:
+                raise CheckpointError(f"--resume {resume}: no complete checkpoint in this directory")
+            return found
+        if not path.is_dir():
+            raise CheckpointError(f"--resume {resume}: no such checkpoint directory")
+        return path
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None
-                            ) -> None:
-    """Write a safetensors file under a temporary name and rename it into place, with the mode other files get
-    (0666 minus the umask: safetensors itself creates 0600 files)."""
-    from safetensors.torch import save_file
+    def load(self, path: Path, meta: dict[str, Any], owner: Checkpointable) -> bool:
+        """Restore `owner` from checkpoint `path`: the shared state always, this rank's private state when the
+        checkpoint was written by as many ranks as this run has (returns whether it was)."""
+        owner.load_state(path, meta)
+        if meta.get("world_size") != self.info.world_size:
+            return False
+        file = Path(path) / "rank" / f"rank_{self.info.rank:05d}.pt"
+        if not file.is_file():
+            raise CheckpointError(f"{path}: no state for rank {self.info.rank} ({file.name} missing)")
+        state = load_tensors_file(file)
+        try:
+            owner.restore_rank_state(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{file}: not a rank state of this trainer ({type(err).__name__}: {err})") from None
+        return True
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    # ------------------------------------------------------------------------------------------------ writing
+    def save(self, step: int, owner: Checkpointable) -> Path:
+        """Write the checkpoint of `step` (collective): a temporary directory, every rank's part, rank 0's
+        files and meta.json, the rename, `latest`, pruning. Each stage is agreed across the ranks."""
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        self._agree(self._attempt(lambda: self._begin(tmp)) if self.info.is_main else None, tmp)
+        failure = self._attempt(lambda: owner.save_state(tmp))
+        failure = failure or self._attempt(lambda: torch.save(owner.rank_state(),
+                                                              tmp / "rank" / f"rank_{self.info.rank:05d}.pt"))
+        self._agree(failure, tmp)
+        meta = owner.checkpoint_meta()
+        final = step_dir(self.root, step)
+        if self.info.is_main:
+            failure = self._attempt(lambda: self._finish(tmp, final, meta, owner))
+        self._agree(failure, tmp)
+        log.info("checkpoint written: %s", final)
+        return final
 
+    def _begin(self, tmp: Path) -> None:
+        """Rank 0: a fresh temporary directory (any left by a run killed while saving are removed)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / "rank").mkdir()
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename is still atomic
-    finally:
-        os.close(fd)
+    def _finish(self, tmp: Path, final: Path, meta: dict[str, Any], owner: Checkpointable) -> None:
+        """Rank 0, once every rank wrote its part: its files, meta.json, the rename, `latest`, pruning."""
+        owner.write_files(tmp)
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True), fsync=True)
+        fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. preemption right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        atomic_write_text(self.root / LATEST_FILE, final.name + "\n", fsync=True)
+        for _, old in complete_checkpoints(self.root)[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
 
+    def _agree(self, failure: Optional[OSError], tmp: Path) -> None:
+        """Every rank learns whether any rank failed (collective); then every rank raises."""
+        if all_ranks_true(failure is None, self.info.device):
+            return
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise failure if failure is not None else CheckpointWriteError(
+            f"{tmp}: another rank could not write its part of the checkpoint (see its log)")
 
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoint directories under `root`, sorted by step (oldest first)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = STEP_DIR.match(child.name)
-        if match and child.is_dir() and (child / META_FILE).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def read_meta(ckpt: Path) -> dict:
-    """The `meta.json` of a checkpoint directory; raises CheckpointError naming the path when unusable."""
-    path = Path(ckpt) / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt}: not a checkpoint directory (no {META_FILE})") from None
-    except (OSError, ValueError) as err:  # ValueError: not UTF-8, not JSON
-        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(err).__name__}: "
-                              f"{str(err)[:160]})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: checkpoint metadata is not a JSON object")
-    return meta
-
-
-def find_latest(root: Path) -> Optional[Path]:
-    """Newest complete checkpoint under `root` (the `latest` pointer if it names a complete one), or None."""
-    root = Path(root)
-    latest = root / LATEST_FILE
-    candidates = complete_checkpoints(root)
-    if latest.is_file():
-        name = latest.read_text().strip()
-        named = root / name
-        if STEP_DIR.match(name) and (named / META_FILE).is_file():
-            # the pointer may lag behind if a run died between the rename and the pointer update
-            if not candidates or candidates[-1][1] == named:
-                return named
-    return candidates[-1][1] if candidates else None
-
-
-def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
-    """Map `--resume` (None, 'auto' or a path) to a checkpoint directory, or None to start fresh."""
-    if resume is None or resume == "":
+    @staticmethod
+    def _attempt(write: Callable[[], Any]) -> Optional[OSError]:
+        """Run a write; its failure as an OSError naming the file (None on success). torch.save and safetensors
+        report a full disk as RuntimeError ("unexpected pos ...") or SafetensorError: those become ENOSPC."""
+        try:
+            write()
+        except OSError as err:
+            return err
+        except Exception as err:  # noqa: BLE001 - serialisers wrap the OS error in their own types
+            text = str(err)
+            if "code: 28" in text or "No space left" in text or "unexpected pos" in text:
+                match = re.search(r"(/[^\s'\"]+)", text)
+                return OSError(errno.ENOSPC, "No space left on device", match.group(1) if match else None)
+            raise
         return None
-    if resume == "auto":
-        return find_latest(root)
-    path = Path(resume)
-    if path.is_dir() and path.name == "checkpoints":
-        found = find_latest(path)
-        if found is None:
-            raise CheckpointError(f"--resume {resume}: no complete checkpoint in this directory")
-        return found
-    if not path.is_dir():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint directory")
-    read_meta(path)
-    return path
-
-
-def tmp_dir(root: Path, step: int) -> Path:
-    """The temporary directory the checkpoint of `step` is written into before it is renamed."""
-    return Path(root) / f".tmp-{step_dir_name(step)}"
-
-
-def begin_save(root: Path, step: int) -> Path:
-    """Rank 0: create the temporary directory every rank writes the checkpoint of `step` into (after removing
-    any left by a run killed while saving). The caller makes the ranks wait for it."""
-    root = Path(root)
-    tmp = tmp_dir(root, step)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step_*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
-    (tmp / "rank").mkdir()
-    return tmp
-
-
-def save_rank_state(tmp: Path, rank: int, state: dict[str, Any]) -> None:
-    """Write this rank's private state (RNG states, data position) into the checkpoint being written."""
-    path = Path(tmp) / "rank" / f"rank_{rank:05d}.pt"
-    torch.save(state, path)
-
-
-def load_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
-    """Read this rank's private state from a checkpoint."""
-    path = Path(ckpt) / "rank" / f"rank_{rank:05d}.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt}: no state for rank {rank} ({path.name} missing)")
-    return load_tensors_file(path)
-
-
-def load_tensors_file(path: Path) -> Any:
-    """`torch.load(path, weights_only=True)` (never runs code from the file) with a one-line CheckpointError
-    naming the file when it is not a plain tensor file (a planted pickle payload, a truncated or foreign file)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unpickling raises many types; all mean "not our file"
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path}: not a plain tensor file, refused ({type(err).__name__}: {first[:160]})") from None
-
-
-def load_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, or a one-line CheckpointError naming it when it is not one."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad header
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: {first[:160]})") from None
-
-
-def step_dir(root: Path, step: int) -> Path:
-    """Final directory of the checkpoint of `step` under `root`."""
-    return Path(root) / step_dir_name(step)
-
-
-def finish_save(root: Path, tmp: Path, step: int, meta: dict, keep_last: int,
-                write_extra: Optional[Callable[[Path], None]] = None) -> Path:
-    """Rank 0, once every rank wrote its part: write the extra files and meta, rename the checkpoint into place,
-    update `latest`, prune old ones. The caller makes the ranks agree before and after."""
-    root = Path(root)
-    final = step_dir(root, step)
-    if write_extra is not None:
-        write_extra(tmp)
-    atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
-    _fsync_dir(tmp)
-    if final.exists():  # a re-save of the same step (e.g. preemption right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    atomic_write_text(root / LATEST_FILE, final.name + "\n")
-    for _, old in complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final

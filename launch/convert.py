@@ -19,12 +19,13 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as `python launch/convert.py` without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from dit.convert import (ConversionError, diffusers_kwargs, diffusers_to_ours, official_kwargs,  # noqa: E402
-                         official_to_ours, strip_prefixes)
-from dit.models import DiT, preset_kwargs  # noqa: E402
-from launch.checks import OneLineParser, Range, number_arg, output_dir_problem  # noqa: E402
+from data_pipeline.checks import OneLineParser, Range, number_arg, output_dir_problem
+from data_pipeline.files import atomic_save_safetensors
+from dit.convert import (ConversionError, diffusers_kwargs, diffusers_to_ours, official_kwargs, official_to_ours,
+                         strip_prefixes)
+from dit.models import DiT, preset_kwargs
 
 METADATA_KEY = "ditstack"
 # The diffusion every official and diffusers DiT checkpoint was trained with (dit.diffusion.create_diffusion kwargs).
@@ -129,7 +130,6 @@ def _config_from_diffusers_weights(sd: dict[str, torch.Tensor], num_heads: Optio
 
 def write_safetensors(sd: dict[str, torch.Tensor], out: Path, metadata: dict[str, Any]) -> None:
     """Write atomically (temp file in the same directory, then rename)."""
-    from launch.checkpoint import atomic_save_safetensors
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(sd, out, metadata={METADATA_KEY: json.dumps(metadata)})

@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # `python launch/demo.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
-from launch.checks import OneLineParser  # noqa: E402
+from data_pipeline.checks import OneLineParser
+from eval.config import ConfigError, load_config
 
 TARGET_ACCURACY = 0.95
 SAMPLES_PER_CLASS = 8  # the grid: 10 columns (one per digit) x 8 rows
@@ -81,7 +82,6 @@ def _python(script: str, *args: str) -> list[str]:
 
 def build_stages(out: Path, quick: bool, pixels: bool, config: Path) -> list[Stage]:
     """The demo's stages for output directory ``out`` (latent pipeline, or pixel space with ``pixels``)."""
-    from launch.config import load_config
 
     cfg = load_config(config)
     s, e = cfg.sample, cfg.eval
@@ -274,7 +274,6 @@ def default_config(quick: bool, pixels: bool) -> Path:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the demo; returns the exit status."""
     args = parse_args(argv)
-    from launch.config import ConfigError
 
     out = Path(args.out or ("runs/demo_quick" if args.quick else "runs/demo")).resolve()
     config = Path(args.config).resolve() if args.config else default_config(args.quick, args.pixels)

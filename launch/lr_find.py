@@ -36,7 +36,17 @@ if __package__ in (None, ""):  # `python launch/lr_find.py` from a checkout with
 import numpy as np
 import torch
 
-from launch.checks import OneLineParser
+from data_pipeline.checks import OneLineParser
+from data_pipeline.devices import autocast
+from data_pipeline.loader import build_stream
+from data_pipeline.manifest import ManifestError
+from dit.diffusion import create_diffusion
+from dit.models import DiT
+from eval.config import ConfigError, add_config_args, config_from_args
+from launch.builders import diffusion_kwargs, model_kwargs
+from launch.loss import training_loss
+from launch.progress import StepProgress
+from launch.run_utils import seed_everything, setup_logging
 
 log = logging.getLogger("launch.lr_find")
 
@@ -88,96 +98,87 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], skip_start: int = 1
     return out
 
 
+def _setup(cfg: Any, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """The stream, model, diffusion, optimizer and generator of a range test (as the trainer builds them)."""
+    stream = build_stream(cfg.data.shards, batch_size=batch_size, rank=0, world_size=1,
+                          num_workers=cfg.data.num_workers, seed=cfg.train.seed, mode=cfg.data.mode,
+                          shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.flip)
+    mkw, dkw = model_kwargs(cfg, stream.manifest), diffusion_kwargs(cfg)
+    seed_everything(cfg.train.seed)
+    model = DiT(**mkw).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
+                            weight_decay=cfg.train.weight_decay)
+    return {"stream": stream, "mkw": mkw, "dkw": dkw, "model": model, "diffusion": create_diffusion(**dkw),
+            "opt": opt, "gen": torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003)}
+
+
+def _step(run: dict[str, Any], x: torch.Tensor, y: torch.Tensor, lr: float, grad_clip: float,
+          use_bf16: bool) -> float:
+    """One optimizer step at learning rate `lr`; returns the loss (NaN/inf without stepping when non-finite)."""
+    model, opt, device = run["model"], run["opt"], x.device
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
+        with autocast(device, torch.bfloat16 if use_bf16 else None):
+            return model(x, t, **kw).float()
+
+    for group in opt.param_groups:
+        group["lr"] = float(lr)
+    loss = training_loss(model_fn, run["diffusion"], x, y, num_classes=run["mkw"]["num_classes"],
+                         class_dropout_prob=run["mkw"]["class_dropout_prob"], generator=run["gen"])
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        return value
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return value
+
+
 def range_test(cfg: Any, *, min_lr: float, max_lr: float, steps: int, batch_size: Optional[int] = None,
                beta: float = 0.98, diverge: float = 4.0, device: Optional[torch.device] = None,
                progress: bool = True) -> dict[str, Any]:
-    """Run the range test for a ``launch.config.Config``; returns the curve, suggestions and settings."""
-    from data_pipeline.loader import build_stream
-    from dit.diffusion import create_diffusion
-    from dit.models import DiT
-    from launch.builders import diffusion_kwargs, model_kwargs
-    from launch.config import ConfigError
-    from launch.run_utils import seed_everything
-
+    """Run the range test for a ``eval.config.Config``; returns the curve, suggestions and settings."""
     if not cfg.data.shards:
         raise ConfigError("data.shards is empty: set it to a shard directory (with manifest.json)")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bs = batch_size or cfg.train.global_batch_size
-    stream = build_stream(cfg.data.shards, batch_size=bs, rank=0, world_size=1, num_workers=cfg.data.num_workers,
-                          seed=cfg.train.seed, mode=cfg.data.mode, shuffle_buffer=cfg.data.shuffle_buffer,
-                          flip=cfg.data.flip)
-    mkw = model_kwargs(cfg, stream.manifest)
-    dkw = diffusion_kwargs(cfg)
-    seed_everything(cfg.train.seed)
-    model = DiT(**mkw).to(device).train()
-    diffusion = create_diffusion(**dkw)
+    run = _setup(cfg, bs, device)
     lrs = lr_schedule(min_lr, max_lr, steps)
-    opt = torch.optim.AdamW(model.parameters(), lr=float(lrs[0]), betas=tuple(cfg.train.betas),
-                            eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003)
-    use_bf16 = cfg.train.precision == "bf16"
-    num_classes, p_drop = mkw["num_classes"], mkw["class_dropout_prob"]
-
-    def model_fn(x: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            return model(x, t, **kw).float()
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="lr_find", dynamic_ncols=True)
+    bar = StepProgress(total=steps, desc="lr_find", enabled=progress)
     losses: list[float] = []
     smoothed: list[float] = []
-    stop_reason = "max_lr reached"
-    best, avg = math.inf, 0.0
-    t0 = time.perf_counter()
-    it = iter(stream)
+    stop_reason, best, avg, t0 = "max_lr reached", math.inf, 0.0, time.perf_counter()
+    it = iter(run["stream"])
     try:
         for i, lr in enumerate(lrs):
-            for group in opt.param_groups:
-                group["lr"] = float(lr)
             x, y = next(it)
-            x, y = x.to(device), y.to(device)
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device, generator=gen)
-            noise = torch.randn(x.shape, device=device, generator=gen)
-            kw: dict[str, Any] = {"y": y if num_classes else None}
-            if num_classes and p_drop > 0:  # label dropout as in training: CFG's null class is part of the task
-                kw["force_drop_ids"] = (torch.rand(x.shape[0], device=device, generator=gen) < p_drop).long()
-            loss = diffusion.training_losses(model_fn, x, t, model_kwargs=kw, noise=noise)["loss"].mean()
-            value = float(loss.detach())
+            value = _step(run, x.to(device), y.to(device), lr, cfg.train.grad_clip, cfg.train.precision == "bf16")
             if not math.isfinite(value):
                 stop_reason = f"non-finite loss at lr {lr:.3g}"
                 break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            opt.step()
             losses.append(value)
             avg = beta * avg + (1.0 - beta) * value  # the same bias-corrected EMA as smooth(), incrementally
             smoothed.append(avg / (1.0 - beta ** len(losses)))
             best = min(best, smoothed[-1])
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(lr=f"{lr:.1e}", loss=f"{smoothed[-1]:.4f}")
+            bar.update(1)
             if i >= 10 and smoothed[-1] > diverge * best:
                 stop_reason = f"diverged at lr {lr:.3g} (smoothed loss > {diverge:g} x its minimum)"
                 break
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
+        run["stream"].close()
     n = len(losses)
-    result = {
+    return {
         "lr": [float(v) for v in lrs[:n]], "loss": losses, "smoothed_loss": smoothed,
         **suggest(lrs[:n], smoothed), "stop_reason": stop_reason, "steps_run": n,
         "settings": {"min_lr": min_lr, "max_lr": max_lr, "steps": steps, "batch_size": bs, "beta": beta,
                      "diverge": diverge, "precision": cfg.train.precision, "grad_clip": cfg.train.grad_clip,
                      "betas": list(cfg.train.betas), "weight_decay": cfg.train.weight_decay,
                      "shards": cfg.data.shards, "device": str(device)},
-        "model": mkw, "diffusion": dkw, "seconds": time.perf_counter() - t0,
+        "model": run["mkw"], "diffusion": run["dkw"], "seconds": time.perf_counter() - t0,
     }
-    return result
 
 
 def plot_curve(result: dict[str, Any], out: Path) -> Path:
@@ -214,7 +215,6 @@ def plot_curve(result: dict[str, Any], out: Path) -> Path:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line arguments of the range test."""
-    from launch.config import add_config_args
 
     ap = OneLineParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -235,9 +235,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the range test and write its plot and JSON; returns the exit status."""
     args = parse_args(argv)
-    from data_pipeline.manifest import ManifestError
-    from launch.config import ConfigError, config_from_args
-    from launch.run_utils import setup_logging
 
     setup_logging(0)
     cfg = config_from_args(args)

@@ -27,6 +27,8 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from data_pipeline.files import atomic_save_safetensors
+
 KEYS = ("weight", "exp_avg", "exp_avg_sq")
 STATE_DIR = "optim"
 FILE_RE = re.compile(r"^rank_(\d{5})\.safetensors$")
@@ -151,7 +153,6 @@ def _jsonable(value: Any) -> Any:
 
 def save(engine: Any, ckpt_dir: Path, rank: int) -> None:
     """Write this rank's fragments into `ckpt_dir/optim/` (every rank calls it; ZeRO-0: rank 0 writes)."""
-    from launch.checkpoint import atomic_save_safetensors
 
     if _stage(engine) == 0 and rank != 0:
         return

@@ -25,6 +25,12 @@ if __package__ in (None, ""):  # `python launch/reconstruct.py` from a checkout 
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.checks import OneLineParser, Range, device_arg, number_arg, output_dir_problem
+from data_pipeline.devices import configure_tf32
+from data_pipeline.loader import build_stream
+from data_pipeline.vae_io import LPIPSWeightsMissing, VAELoadError, build_perceptual, load_vae
+from eval.config import TrainConfig, add_config_args, config_from_args, field_range, load_config
+
 log = logging.getLogger(__name__)
 
 __all__ = ["psnr", "ssim", "evaluate_reconstruction", "save_comparison_grid", "iter_shard_images", "main"]
@@ -114,8 +120,8 @@ def evaluate_reconstruction(vae, batches: Iterable[torch.Tensor], perceptual: Op
 
 def save_comparison_grid(x: torch.Tensor, rec: torch.Tensor, path: str | os.PathLike, ncol: int = 8) -> Path:
     """PNG with rows of originals, each followed by a row of their reconstructions (images in [-1, 1])."""
-    from torchvision.utils import make_grid
     from PIL import Image
+    from torchvision.utils import make_grid
 
     x, rec = x.detach().float().cpu(), rec.detach().float().cpu()
     n = min(x.shape[0], rec.shape[0])
@@ -139,7 +145,6 @@ def save_comparison_grid(x: torch.Tensor, rec: torch.Tensor, path: str | os.Path
 def iter_shard_images(shards: str, batch_size: int, seed: int = 0, max_images: Optional[int] = None):
     """One pass over image shards (no flips, no shuffle buffer): yields x [B, C, H, W] in [-1, 1], the last batch
     possibly smaller, up to ``max_images`` images (every image when None)."""
-    from data_pipeline.loader import build_stream
 
     # batch size 1 underneath: a training stream drops the incomplete last batch, an evaluation must not
     stream = build_stream(shards, batch_size=1, rank=0, world_size=1, num_workers=0, seed=seed, mode="exact",
@@ -162,8 +167,6 @@ def iter_shard_images(shards: str, batch_size: int, seed: int = 0, max_images: O
 
 
 def _parser() -> argparse.ArgumentParser:
-    from launch.checks import OneLineParser, Range, device_arg, number_arg
-    from launch.config import TrainConfig, add_config_args, field_range
 
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, required=False)
@@ -186,10 +189,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     """CLI entry point; returns the exit status (2 for a bad config or input)."""
-    from launch.checks import output_dir_problem
-    from launch.config import config_from_args, load_config
-    from launch.tf32 import configure_tf32
-    from launch.vae_io import LPIPSWeightsMissing, VAELoadError, build_perceptual, load_vae
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipeline.files import atomic_write_text, read_jsonl
+
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 3  # "checkpointed because of a signal: requeue me" (the SLURM scripts act on it)
@@ -158,19 +160,6 @@ def _stable_run_id(run_dir: Path) -> str:
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL log (a torn last line from a killed run is ignored)."""
-    out = []
-    if not Path(path).is_file():
-        return out
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def truncate_jsonl(path: Path, max_step: int) -> None:
     """Drop records after `max_step` (a resumed run rewrites what came after its checkpoint), and the partial-window
     record a run that ended at `max_step` wrote (the resumed run logs that window in full)."""
@@ -179,16 +168,4 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
         return
     keep = [r for r in read_jsonl(path)
             if r.get("step", 0) < max_step or (r.get("step", 0) == max_step and not r.get("partial_window"))]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, path)
-
-
-def fault_step(name: str) -> Optional[int]:
-    """Step at which the test-only fault `name` is requested via DITSTACK_FAULT=name:STEP (None if not)."""
-    spec = os.environ.get("DITSTACK_FAULT", "")
-    for item in spec.split(","):
-        key, _, value = item.partition(":")
-        if key == name and value.isdigit():
-            return int(value)
-    return None
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))

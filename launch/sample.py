@@ -7,10 +7,10 @@
 
 ``--ckpt`` is a checkpoint directory, a run directory (its newest complete checkpoint) or a consolidated
 ``.safetensors`` file; everything else (model, diffusion, VAE, latent normalisation, class names) comes from its
-``ditstack`` metadata through ``launch/inference.py``. The single images are written in an ImageFolder layout,
+``ditstack`` metadata through ``eval/inference.py``. The single images are written in an ImageFolder layout,
 ``<images dir>/<class name>/<index>.png`` (the images dir defaults to the grid's directory), so torchvision's
 ``ImageFolder`` and other tools read them directly; ``<out>.json`` beside the grid records every setting.
-Sample ``i`` uses seed ``launch.inference.sample_seed(seed, i)``: it depends on the seed, its index and its label
+Sample ``i`` uses seed ``eval.inference.sample_seed(seed, i)``: it depends on the seed, its index and its label
 only, never on the batch size (the same rule as eval/fid.py).
 
 Every flag is checked before any weight is read (one line on stderr, exit status 2): numbers against their ranges
@@ -36,9 +36,12 @@ if __package__ in (None, ""):  # `python launch/sample.py` from a checkout witho
 import numpy as np
 import torch
 
-from launch.checks import (OneLineParser, Range, device_arg, guide_channels_arg, number_arg,  # noqa: E402
-                           output_dir_problem)
-from launch.config import EvalConfig, SampleConfig, field_range  # noqa: E402
+from data_pipeline.checks import OneLineParser, Range, device_arg, guide_channels_arg, number_arg, output_dir_problem
+from data_pipeline.devices import configure_tf32
+from eval.config import (ConfigError, EvalConfig, SampleConfig, add_config_args, config_for_checkpoint, field_range,
+                         fill_from_config)
+from eval.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed
+from eval.visuals import save_image_grid
 
 EXIT_BAD_INPUT = 2
 # All images and the grid are held in memory (10,000 at 256 px: 2 GB each); larger sets go through eval/fid.py.
@@ -133,6 +136,9 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+SAMPLE_FLAGS = ["sampler", "steps", "eta", "cfg_scale", "guide_channels", "guidance_interval", "seed", "dtype"]
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line arguments of the sampler."""
     ap = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -141,21 +147,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--num", type=number_arg(int, NUM_RANGE), default=None,
                     help=f"number of samples, 1..{MAX_NUM} (unconditional models, or cycling through the classes "
                          f"when --labels is not given)")
-    ap.add_argument("--cfg-scale", type=number_arg(float, field_range(SampleConfig, "cfg_scale")), default=4.0,
+    add_config_args(ap, required=False)
+    # Flags left out take the `sample` section of: the schema's defaults, under the checkpoint's own training
+    # config, under --config, under --set (see `config_for_checkpoint`).
+    ap.add_argument("--cfg-scale", type=number_arg(float, field_range(SampleConfig, "cfg_scale")), default=None,
                     help="classifier-free guidance scale (1 = none)")
-    ap.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    ap.add_argument("--steps", type=number_arg(int, field_range(SampleConfig, "steps")), default=50,
+    ap.add_argument("--sampler", choices=("ddpm", "ddim"), default=None)
+    ap.add_argument("--steps", type=number_arg(int, field_range(SampleConfig, "steps")), default=None,
                     help="sampling steps (respacing of the trained process; at most its diffusion steps)")
-    ap.add_argument("--eta", type=number_arg(float, field_range(SampleConfig, "eta")), default=0.0,
+    ap.add_argument("--eta", type=number_arg(float, field_range(SampleConfig, "eta")), default=None,
                     help="DDIM eta (0 = deterministic)")
-    ap.add_argument("--guide-channels", type=guide_channels_arg, default="all",
+    ap.add_argument("--guide-channels", type=guide_channels_arg, default=None,
                     help="'all' or N leading channels (3 = official DiT), at most the model's input channels")
     ap.add_argument("--guidance-interval", type=number_arg(float, field_range(SampleConfig, "guidance_interval")),
                     nargs=2, default=None, metavar=("T_LO", "T_HI"),
                     help="apply CFG only for training timesteps in [T_LO, T_HI]")
-    ap.add_argument("--seed", type=number_arg(int, field_range(SampleConfig, "seed")), default=0)
+    ap.add_argument("--seed", type=number_arg(int, field_range(SampleConfig, "seed")), default=None)
     ap.add_argument("--batch-size", type=number_arg(int, field_range(EvalConfig, "batch_size")), default=64)
-    ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="DiT autocast dtype")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="DiT autocast dtype")
     ap.add_argument("--device", type=device_arg, default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--no-tf32", action="store_true", help="GPUs: exact fp32 matmuls/convolutions (default: TF32 "
                                                           "on Ampere and newer)")
@@ -207,9 +216,15 @@ def _checkpoint_problem(args: argparse.Namespace, meta: dict) -> Optional[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Sample and write the grid, the single images and the settings record; returns the exit status."""
     args = parse_args(argv)
-    from launch.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed
-    from launch.tf32 import configure_tf32
-    from launch.visuals import save_image_grid
+    try:
+        try:
+            stored = read_checkpoint_meta(args.ckpt)[1].get("config")
+        except InferenceError:
+            stored = None  # reported with its own message below
+        cfg = config_for_checkpoint(args.config, args.overrides, stored)
+    except ConfigError as err:
+        return _fail(f"config: {err}")
+    fill_from_config(args, cfg.sample, SAMPLE_FLAGS)
 
     gc = args.guide_channels
     out = Path(args.out)
@@ -271,7 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "settings": {"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "cfg_scale": cfg_scale,
                            "guide_channels": gc, "guidance_interval": args.guidance_interval, "seed": args.seed,
                            "dtype": args.dtype, "vae": args.vae, "tf32": tf32, "device": str(device)},
-              "seed_rule": "sample i: seed launch.inference.sample_seed(seed, i)"}
+              "seed_rule": "sample i: seed eval.inference.sample_seed(seed, i)"}
     _write_json(out.with_suffix(".json"), record)
     print(f"wrote {n} samples: grid {out}, images under {images_root}/<class>/")
     return 0

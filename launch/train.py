@@ -25,16 +25,23 @@ import torch.distributed as dist
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported: silences its accelerator probe
 
+from data_pipeline.devices import configure_tf32
+from data_pipeline.dist_env import DistInfo
+from data_pipeline.files import atomic_save_safetensors
 from data_pipeline.loader import STREAM_ERRORS, NoReadableSamplesError, ShardError
-from launch import checkpoint as ckpt_io
+from dit.diffusion import create_diffusion
+from dit.models import DiT
+from eval.checkpoints import EMA_FILE, CheckpointError, load_safetensors_file
+from eval.config import Config, ConfigError, config_to_dict
+from eval.fid import evaluate_checkpoint
+from eval.inception import InceptionWeightsMissing, resolve_weights
+from eval.inference import Generator
+from eval.visuals import plot_loss_curve, samples_gif, save_image_grid
 from launch import optimizer_state
 from launch.builders import deepspeed_config, diffusion_kwargs, latent_record, model_kwargs
-from launch.config import Config, ConfigError
 from launch.deferred import DeferredReadback
-from launch.distributed import DistInfo
 from launch.engine_ema import EngineEMA
-from launch.run_utils import fault_step
-from launch.tf32 import configure_tf32
+from launch.loss import training_loss
 from launch.trainer_base import TrainerBase, TrainingStopped, exit_now, run_main
 
 log = logging.getLogger("launch.train")
@@ -160,8 +167,6 @@ class Trainer(TrainerBase):
     def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, resume: Optional[str]) -> None:
         import deepspeed
 
-        from dit.diffusion import create_diffusion
-        from dit.models import DiT
 
         super().__init__(cfg, info, run_dir, resume)
         manifest = self.stream.manifest
@@ -195,11 +200,8 @@ class Trainer(TrainerBase):
         self.tf32 = configure_tf32(info.device, cfg.train.tf32)
         self.peak_flops = _peak_flops(info.device, cfg.train.precision, self.tf32)
         self._generator = None  # EMA model + VAE for grids and evaluation, built on first use
-        self._nan_from, self._nan_weight_at = fault_step("nan_loss_from"), fault_step("nan_weight_at")  # tests
-        self._inf_grad_at = fault_step("inf_grad_at")
         self._data_failure: Optional[tuple[str, str]] = None  # why this rank has no data (see `_next_batch`)
         if cfg.train.eval_every and cfg.eval.metrics:  # fail now, not hours into the run
-            from eval.inception import resolve_weights
 
             if set(cfg.eval.metrics) & {"fid", "kid", "pr"} and not (cfg.eval.ref and Path(cfg.eval.ref).is_file()):
                 raise ConfigError(f"eval.ref: {cfg.eval.metrics} need reference statistics, got {cfg.eval.ref!r} "
@@ -229,8 +231,9 @@ class Trainer(TrainerBase):
 
     def _header(self) -> dict[str, Any]:
         """The `ditstack` metadata of a consolidated EMA file (see docs/ARCHITECTURE.md)."""
+        # the training config travels with the weights: sample.py and fid.py take their defaults from it
         return {"model": self.model_kwargs, "diffusion": self.diffusion_kwargs, "data": self.data_info,
-                "latent": self.latent, "step": self.step}
+                "latent": self.latent, "step": self.step, "config": config_to_dict(self.cfg)}
 
     def weights_finite(self) -> bool:
         return _params_finite(self.engine.module) and self.ema.all_finite()
@@ -244,27 +247,25 @@ class Trainer(TrainerBase):
         # the optimizer state in a form any number of ranks can load (launch/optimizer_state.py), not DeepSpeed's
         # pickles, which load only on the number of ranks that wrote them
         optimizer_state.save(self.engine, tmp, self.info.rank)
-        if fault_step("kill_in_save") == self.step and self.info.is_main:
-            os.kill(os.getpid(), 9)  # fault injection for the tests: die half-way through a checkpoint write
         # rank 0 alone holds the full EMA in host memory, only until `write_files` has written it
         self._ema_state = self.ema.state_dict_on_main(up_to_date=False)  # collective under ZeRO-3
 
     def write_files(self, tmp: Path) -> None:
-        _save_safetensors(self._ema_state, tmp / ckpt_io.EMA_FILE, self._header())
+        _save_safetensors(self._ema_state, tmp / EMA_FILE, self._header())
         self._ema_state = None
 
     def load_state(self, path: Path, meta: dict) -> None:
         if "optimizer" not in meta:
-            raise ckpt_io.CheckpointError(f"{path}: meta.json has no optimizer record")
+            raise CheckpointError(f"{path}: meta.json has no optimizer record")
         try:
             optimizer_state.load(self.engine, path, meta["optimizer"])
         except optimizer_state.StateError as err:
-            raise ckpt_io.CheckpointError(str(err)) from None
-        ema_file = path / ckpt_io.EMA_FILE
+            raise CheckpointError(str(err)) from None
+        ema_file = path / EMA_FILE
         try:
-            self.ema.load_full_state_dict(ckpt_io.load_safetensors_file(ema_file), pending=meta.get("ema_pending", 0))
+            self.ema.load_full_state_dict(load_safetensors_file(ema_file), pending=meta.get("ema_pending", 0))
         except (KeyError, ValueError, RuntimeError) as err:
-            raise ckpt_io.CheckpointError(f"{ema_file}: EMA weights do not fit this model ({err})") from None
+            raise CheckpointError(f"{ema_file}: EMA weights do not fit this model ({err})") from None
 
     def export_ema(self, out: Path) -> None:
         """Write the EMA weights as one consolidated safetensors file (collective)."""
@@ -274,12 +275,10 @@ class Trainer(TrainerBase):
 
     # ------------------------------------------------------------------------------------------- sampling
     def _ema_generator(self, everywhere: bool) -> Any:
-        """A `launch.inference.Generator` (built on first use, kept on the device) holding the current EMA weights,
+        """A `eval.inference.Generator` (built on first use, kept on the device) holding the current EMA weights,
         copied device to device (collective under ZeRO-3). `everywhere=False`: rank 0's only (others: None)."""
         needed = everywhere or self.info.is_main
         if needed and self._generator is None:
-            from dit.models import DiT
-            from launch.inference import Generator
 
             model = DiT(**self.model_kwargs).to(self.info.device).eval().requires_grad_(False)
             self._generator = Generator(model, self.diffusion_kwargs, self.data_info, self.latent, self.info.device)
@@ -288,7 +287,6 @@ class Trainer(TrainerBase):
 
     def sample_grid(self) -> Optional[Path]:
         """Save a grid of EMA samples with fixed noise and labels (collective for the EMA gather)."""
-        from launch.visuals import save_image_grid
 
         generator = self._ema_generator(everywhere=False)
         if generator is None:
@@ -307,7 +305,6 @@ class Trainer(TrainerBase):
 
     def evaluate(self) -> Optional[dict]:
         """Small-N evaluation of the EMA weights with the `eval` settings, on every rank (collective)."""
-        from eval.fid import evaluate_checkpoint
 
         e = self.cfg.eval
         gen = self._ema_generator(everywhere=True)
@@ -339,7 +336,6 @@ class Trainer(TrainerBase):
             self.sample_grid()
         self.export_ema(self.run_dir / "model_ema.safetensors")
         if self.info.is_main:
-            from launch.visuals import plot_loss_curve, samples_gif
 
             plot_loss_curve(self.sink.path, self.run_dir / "loss_curve.png")
             samples_gif(sorted((self.run_dir / "samples").glob("step_*.png")), self.run_dir / "samples.gif")
@@ -362,15 +358,8 @@ class Trainer(TrainerBase):
         x, y = self._next_batch()
         x = x.to(self.info.device, non_blocking=True)
         y = y.to(self.info.device, non_blocking=True)
-        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=self.info.device, generator=self.gen)
-        noise = torch.randn(x.shape, device=self.info.device, generator=self.gen)
-        kwargs: dict[str, Any] = {"y": y if self.num_classes else None}
-        if self.num_classes and self.model_kwargs["class_dropout_prob"] > 0:
-            drop = torch.rand(x.shape[0], device=self.info.device, generator=self.gen)
-            kwargs["force_drop_ids"] = (drop < self.model_kwargs["class_dropout_prob"]).long()
-        loss = self.diffusion.training_losses(self._model_fn, x, t, model_kwargs=kwargs, noise=noise)["loss"].mean()
-        if self._nan_from is not None and self.step + 1 >= self._nan_from:
-            loss = loss * float("nan")  # fault injection for the tests
+        loss = training_loss(self._model_fn, self.diffusion, x, y, num_classes=self.num_classes,
+                             class_dropout_prob=self.model_kwargs["class_dropout_prob"], generator=self.gen)
         if self._data_failure is not None:
             loss = loss * float("nan")  # this rank has no data: every rank skips the step, then all stop together
         loss = loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))  # x1 when finite: the same gradient
@@ -400,9 +389,6 @@ class Trainer(TrainerBase):
         every rank, and so is the verdict. ZeRO 1-3 check and clip their partitions inside DeepSpeed: None."""
         if self.cfg.train.deepspeed.zero_stage != 0 or not self.engine.is_gradient_accumulation_boundary():
             return None
-        if self._inf_grad_at == self.step + 1:
-            with torch.no_grad():  # fault injection for the tests (every rank: gradients are all-reduced by now)
-                self.params[0].grad.view(-1)[0] = float("inf")
         norm, finite = clip_and_check_grads([p.grad for p in self.params if p.grad is not None],
                                             self.cfg.train.grad_clip, host_reads=self.host_reads)
         self.optimizer.found_inf = (~finite).float()
@@ -427,9 +413,6 @@ class Trainer(TrainerBase):
             self._applied = torch.full((), self.engine.was_step_applied(), dtype=torch.bool, device=self.info.device)
             grad_norm = self.engine.get_global_grad_norm()
         applied = self._applied
-        if self._nan_weight_at == self.step + 1:
-            with torch.no_grad():  # fault injection for the tests
-                self.params[0].view(-1)[0] = float("nan")
         self.bad_run = torch.where(applied, torch.zeros_like(self.bad_run), self.bad_run + 1)
         self.nonfinite_count = self.nonfinite_count + (~applied).long()
         self.step += 1
@@ -485,13 +468,12 @@ class Trainer(TrainerBase):
 
 def _save_safetensors(state: dict[str, torch.Tensor], path: Path, header: dict[str, Any]) -> None:
     """Write EMA weights with the `ditstack` metadata, atomically."""
-    ckpt_io.atomic_save_safetensors(state, path, metadata={"ditstack": json.dumps(header)})
+    atomic_save_safetensors(state, path, metadata={"ditstack": json.dumps(header)})
 
 
 # ------------------------------------------------------------------------------------------------ entry point
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the DiT trainer; returns the exit status."""
-    from eval.inception import InceptionWeightsMissing
 
     return run_main(Trainer, __doc__.split("\n")[0], argv, input_errors=(InceptionWeightsMissing,))
 

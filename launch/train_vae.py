@@ -11,7 +11,7 @@ over ranks by one flattened all-reduce per model and step (no DDP wrapper: the L
 `autograd.grad` of the last decoder layer, and the discriminator runs in both the generator and its own pass).
 
 Outputs in the run directory: checkpoints/step_%07d/ (meta.json, vae.safetensors — EMA weights when
-train.ema_decay > 0, loadable by launch.vae_io.load_vae —, trainer_state.pt, rank/), grids/step_%07d.png (originals
+train.ema_decay > 0, loadable by data_pipeline.vae_io.load_vae —, trainer_state.pt, rank/), grids/step_%07d.png (originals
 above reconstructions), log.jsonl (every loss component separately), and vae.safetensors at the end, with the
 latent channels, downsampling factor, latent shape and per-channel latent statistics in its metadata.
 
@@ -19,7 +19,6 @@ Exit status: 0 done, 2 bad config / input, 3 checkpointed after SIGUSR1/SIGTERM 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import sys
@@ -32,9 +31,17 @@ if __package__ in (None, ""):  # `python launch/train_vae.py` from a checkout wi
 import torch
 import torch.distributed as dist
 
-from launch.config import Config, ConfigError
-from launch.distributed import DistInfo
-from launch.trainer_base import TrainerBase, all_ranks_true, exit_now, run_main
+from data_pipeline.devices import autocast
+from data_pipeline.dist_env import DistInfo, all_ranks_true
+from data_pipeline.vae_io import VAE_FILENAME, LPIPSWeightsMissing, build_perceptual, load_vae, save_vae
+from dit.ema import EMA
+from dit.vae import AutoencoderKL, PatchDiscriminator
+from dit.vae_loss import VAELoss
+from eval.checkpoints import CheckpointError, load_tensors_file
+from eval.config import Config, ConfigError
+from eval.visuals import plot_loss_curve, samples_gif
+from launch.reconstruct import evaluate_reconstruction, iter_shard_images, save_comparison_grid
+from launch.trainer_base import TrainerBase, exit_now, run_main
 
 log = logging.getLogger("launch.train_vae")
 
@@ -73,12 +80,6 @@ def disc_kwargs(cfg: Config, channels: int) -> Dict[str, Any]:
                 norm="group")
 
 
-@contextlib.contextmanager
-def _autocast(device: torch.device, precision: str):
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        yield
-
-
 def _allreduce_grads(params: List[torch.nn.Parameter], world: int) -> None:
     """Average the gradients of `params` over ranks with one flattened all-reduce (missing grads count as 0)."""
     if world <= 1 or not params:
@@ -109,10 +110,6 @@ class VAETrainer(TrainerBase):
     NAME = "train_vae"
 
     def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, resume: Optional[str]) -> None:
-        from dit.ema import EMA
-        from dit.vae import AutoencoderKL, PatchDiscriminator
-        from dit.vae_loss import VAELoss
-        from launch.vae_io import build_perceptual
 
         if cfg.vae.grid_every < 0 or cfg.vae.disc_start < 0:
             raise ConfigError("vae.grid_every and vae.disc_start must be >= 0")
@@ -172,7 +169,6 @@ class VAETrainer(TrainerBase):
         return all(bool(torch.isfinite(p).all()) for p in params)
 
     def write_files(self, tmp: Path) -> None:
-        from launch.vae_io import VAE_FILENAME, save_vae
 
         state = {"model": self.model.state_dict(), "disc": self.disc.state_dict(),
                  "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
@@ -182,7 +178,6 @@ class VAETrainer(TrainerBase):
                  state_dict=self.export_module().state_dict(), extra={"ema": self.ema is not None})
 
     def load_state(self, path: Path, meta: dict) -> None:
-        from launch.checkpoint import CheckpointError, load_tensors_file
 
         file = path / STATE_FILE
         if not file.is_file():
@@ -226,7 +221,7 @@ class VAETrainer(TrainerBase):
                 self._last_batch = x
             # generator pass: the discriminator is frozen so this loss gives its weights no gradient
             self.disc.requires_grad_(False)
-            with _autocast(dev, cfg.train.precision):
+            with autocast(dev, torch.bfloat16 if cfg.train.precision == "bf16" else None):
                 mean, logvar = self.model.encode_moments(x)
                 eps = torch.randn(mean.shape, generator=self.gen, device=dev, dtype=torch.float32)
                 recon = self.model.decode(mean + torch.exp(0.5 * logvar) * eps.to(mean.dtype))
@@ -240,7 +235,7 @@ class VAETrainer(TrainerBase):
             ok &= finite
             if active:
                 self.disc.requires_grad_(True)
-                with _autocast(dev, cfg.train.precision):
+                with autocast(dev, torch.bfloat16 if cfg.train.precision == "bf16" else None):
                     d_loss, d_logs = self.loss_fn.discriminator_objective(self.disc(x), self.disc(recon.detach()))
                 logs.update(d_logs)
                 finite = all_ranks_true(bool(torch.isfinite(d_loss)), dev)
@@ -281,7 +276,6 @@ class VAETrainer(TrainerBase):
     @torch.no_grad()
     def save_grid(self) -> Optional[Path]:
         """Originals above reconstructions (posterior mean, exported weights) for up to 16 images (rank 0)."""
-        from launch.reconstruct import save_comparison_grid
 
         x = self._fixed if self._fixed is not None else self._last_batch
         if not self.info.is_main or x is None:
@@ -297,7 +291,6 @@ class VAETrainer(TrainerBase):
 
     def _fixed_images(self) -> Optional[torch.Tensor]:
         """A fixed held-out batch for the grids (data.val_shards), or None to show the current batch."""
-        from launch.reconstruct import iter_shard_images
 
         if not self.cfg.data.val_shards or not self.info.is_main:
             return None
@@ -308,7 +301,6 @@ class VAETrainer(TrainerBase):
     @torch.no_grad()
     def latent_stats(self) -> Dict[str, Any]:
         """Per-channel mean/std of posterior samples over up to 1024 images (val shards if set, else train)."""
-        from launch.reconstruct import iter_shard_images
 
         module = self.export_module()
         was_training = module.training
@@ -338,15 +330,12 @@ class VAETrainer(TrainerBase):
         if every and self.step % every != 0 and self.step > 0:
             self.save_grid()
         self.export()
-        from launch.visuals import plot_loss_curve, samples_gif
 
         plot_loss_curve(self.sink.path, self.run_dir / "loss_curve.png", key="rec")
         samples_gif(sorted((self.run_dir / "grids").glob("step_*.png")), self.run_dir / "grids.gif")
 
     def export(self) -> Path:
         """Write RUN/vae.safetensors (exported weights + latent statistics) and, with val shards, their PSNR."""
-        from launch.reconstruct import evaluate_reconstruction, iter_shard_images
-        from launch.vae_io import VAE_FILENAME, load_vae, save_vae
 
         out = save_vae(self.run_dir / VAE_FILENAME, self.model, image_size=self.image_size, step=self.step,
                        latent_stats=self.latent_stats(), state_dict=self.export_module().state_dict(),
@@ -365,7 +354,6 @@ class VAETrainer(TrainerBase):
 # ------------------------------------------------------------------------------------------------ entry point
 def main(argv: Optional[list] = None) -> int:
     """Run the VAE trainer; returns the exit status (2 for a bad config, input or missing LPIPS weights)."""
-    from launch.vae_io import LPIPSWeightsMissing
 
     return run_main(VAETrainer, __doc__.split("\n")[0], argv, use_deepspeed=False,
                     input_errors=(LPIPSWeightsMissing,))

@@ -23,15 +23,20 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from launch import checkpoint as ckpt_io
+from data_pipeline.checks import OneLineParser
+from data_pipeline.devices import DeviceLayoutError
+from data_pipeline.dist_env import DistInfo, all_ranks_true, barrier, cleanup, init_distributed
+from data_pipeline.files import atomic_write_text
+from data_pipeline.loader import NoReadableSamplesError, build_stream
+from data_pipeline.manifest import ManifestError
+from eval.checkpoints import CheckpointError
+from eval.config import Config, ConfigError, add_config_args, config_from_args, config_to_dict
 from launch.builders import batch_layout, data_record
-from launch.checks import OneLineParser
-from launch.config import Config, ConfigError, add_config_args, config_from_args, config_to_dict
-from launch.distributed import DeviceLayoutError, DistInfo, barrier, cleanup, init_distributed
+from launch.checkpoint import CheckpointStore
 from launch.progress import StepProgress
 from launch.run_lock import RunLock, RunLockBusy
-from launch.run_utils import (EXIT_FAILED, EXIT_PREEMPTED, MetricsSink, PreemptionFlag, rng_state,
-                              seed_everything, set_rng_state, setup_logging, truncate_jsonl)
+from launch.run_utils import (EXIT_FAILED, EXIT_PREEMPTED, MetricsSink, PreemptionFlag, rng_state, seed_everything,
+                              set_rng_state, setup_logging, truncate_jsonl)
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +45,6 @@ EXIT_CONFIG = 2
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. repeated non-finite steps); the message says why."""
-
-
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    """True when `flag` holds on every rank (collective; one process: no tensor, no device sync)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return bool(flag)
-    ok = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item() > 0)
 
 
 def versions() -> dict[str, str]:
@@ -76,10 +72,12 @@ def stream_options(cfg: Config, info: DistInfo, micro_batch: int) -> dict[str, A
 class TrainerBase(abc.ABC):
     """Resume, data stream, RNG, checkpoints and the run loop; subclasses add models and the optimizer step.
 
-    Subclass protocol: set `CHECKPOINT_FORMAT` and `NAME`; in `__init__` call `super().__init__`, build the models
-    from `self.stream.manifest`, then call `self.finish_setup()`. Implement `train_step() -> metrics dict`,
-    `weights_finite()`, `save_state(tmp)` (collective part of a checkpoint), `write_files(tmp)` (rank 0's files),
-    `load_state(path, meta)`, `model_meta()`; optionally `on_step(step)`, `on_finish()`, `current_lr()`.
+    Subclass protocol (the abstract methods below say what each does): set `CHECKPOINT_FORMAT` and `NAME`; in
+    `__init__` call `super().__init__`, build the models from `self.stream.manifest`, then `self.finish_setup()`.
+    Implement `train_step`, `weights_finite`, `model_meta` and the checkpoint parts `save_state` (every rank's share),
+    `write_files` (rank 0's files) and `load_state`; optionally `on_step`, `on_finish`, `current_lr`, and, to
+    decide a step's fate on the device, `step_end` / `flush_step_flags` / `sync_counters`. The trainer is the
+    `launch.checkpoint.Checkpointable` its `CheckpointStore` (`self.checkpoints`) saves and loads.
     """
 
     CHECKPOINT_FORMAT = "ditstack-train-1"
@@ -87,20 +85,14 @@ class TrainerBase(abc.ABC):
     FORMAT_HINTS: dict[str, str] = {}  # earlier formats -> what to do with them (appended to the error)
 
     def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, resume: Optional[str]) -> None:
-        from data_pipeline.loader import build_stream
-        from data_pipeline.manifest import ManifestError
 
         self.cfg, self.info, self.run_dir = cfg, info, Path(run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
-        self.resume_from = ckpt_io.resolve_resume(resume, self.ckpt_root)
+        self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", info, self.CHECKPOINT_FORMAT,
+                                           cfg.train.keep_last, self.FORMAT_HINTS)
+        self.resume_from, self.meta = self.checkpoints.resolve(resume)
         self.micro, self.accum = batch_layout(cfg, info.world_size)
         if not cfg.data.shards:
             raise ConfigError("data.shards is empty: set it to a shard directory (with manifest.json)")
-        self.meta = ckpt_io.read_meta(self.resume_from) if self.resume_from else None
-        if self.meta is not None and self.meta.get("format") != self.CHECKPOINT_FORMAT:
-            hint = self.FORMAT_HINTS.get(str(self.meta.get("format")), "")
-            raise ckpt_io.CheckpointError(f"{self.resume_from}: not a {self.CHECKPOINT_FORMAT} checkpoint "
-                                          f"(format {self.meta.get('format')!r}){hint}")
         positions = None
         if self.meta is not None:
             if self.meta.get("world_size") == info.world_size:
@@ -122,7 +114,7 @@ class TrainerBase(abc.ABC):
             if isinstance(err, (ManifestError, ConfigError)) or positions is None:
                 failure = err
             else:
-                failure = ckpt_io.CheckpointError(f"{self.resume_from}: {err}")
+                failure = CheckpointError(f"{self.resume_from}: {err}")
         # A rank checks the shards it reads (a short one on rank 3 only): every rank stops with its reason
         reasons = [None] * info.world_size
         if info.world_size > 1 and dist.is_initialized():
@@ -207,24 +199,11 @@ class TrainerBase(abc.ABC):
         if self.meta is not None:
             recorded, wanted = {k: self.meta.get(k) for k in self.model_meta()}, self.model_meta()
             if recorded != wanted:
-                raise ckpt_io.CheckpointError(f"{self.resume_from}: the checkpoint's model differs from this "
-                                              f"config's: {_first_difference(recorded, wanted)}")
-            self.load_state(self.resume_from, self.meta)
+                raise CheckpointError(f"{self.resume_from}: the checkpoint's model differs from this "
+                                      f"config's: {_first_difference(recorded, wanted)}")
             self.step = int(self.meta["step"])
             self.nonfinite_total = int(self.meta.get("nonfinite_steps", 0))
-            if self.meta.get("world_size") == self.info.world_size:
-                state = ckpt_io.load_rank_state(self.resume_from, self.info.rank)
-                try:
-                    set_rng_state(state["rng"])
-                    self.gen.set_state(state["gen"])
-                    self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
-                    window = json.loads(state.get("window") or "null")
-                except (KeyError, TypeError, ValueError, RuntimeError) as err:
-                    raise ckpt_io.CheckpointError(f"{self.resume_from}/rank/rank_{self.info.rank:05d}.pt: not a "
-                                                  f"rank state of this trainer ({type(err).__name__}: {err})") from None
-                if window is not None:
-                    self.window = MetricWindow.from_state(window, self.info.device)
-            else:
+            if not self.checkpoints.load(self.resume_from, self.meta, self):
                 reseed = self.cfg.train.seed + self.info.rank + 7919 * self.step
                 seed_everything(reseed)
                 self.gen.manual_seed(self.cfg.train.seed * 1_000_003 + reseed)
@@ -252,41 +231,29 @@ class TrainerBase(abc.ABC):
                 "corrupt_samples": sum(int(p.get("corrupt_count", 0)) for p in positions), "versions": versions(),
                 "runtime": self.run_record(), **self.model_meta()}
 
-    def save(self) -> Path:
-        """Write a complete checkpoint of the current step (collective); refuses non-finite weights.
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's private state for a checkpoint: RNG states, data position, the run of non-finite steps, and
+        the metrics since the last log line (so a resumed run logs the same means an uninterrupted one does)."""
+        return {"rng": rng_state(), "gen": self.gen.get_state(), "position": json.dumps(self.stream.position()),
+                "step": self.step, "bad_in_a_row": self.bad_in_a_row,
+                "window": json.dumps(self.window.state() if self.window is not None else None)}
 
-        A write that fails on any rank (a full disk, the run directory gone) stops every rank with one line naming
-        the file; the partial checkpoint is removed and the last complete one stays `latest`."""
+    def restore_rank_state(self, state: dict[str, Any]) -> None:
+        """Restore what `rank_state` saved."""
+        set_rng_state(state["rng"])
+        self.gen.set_state(state["gen"])
+        self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+        window = json.loads(state.get("window") or "null")
+        if window is not None:
+            self.window = MetricWindow.from_state(window, self.info.device)
+
+    def save(self) -> Path:
+        """Write a complete checkpoint of the current step (collective); refuses non-finite weights (see
+        `CheckpointStore.save` for what happens when a write fails)."""
         self.sync_counters()
         if not all_ranks_true(self.weights_finite(), self.info.device):
             raise TrainingStopped(f"non-finite weights at step {self.step}: refusing to write a checkpoint")
-        tmp = ckpt_io.tmp_dir(self.ckpt_root, self.step)
-        failure = _attempt(lambda: ckpt_io.begin_save(self.ckpt_root, self.step)) if self.info.is_main else None
-        self._agree_or_raise(failure, tmp)
-        failure = _attempt(lambda: self.save_state(tmp))
-        failure = failure or _attempt(lambda: ckpt_io.save_rank_state(tmp, self.info.rank, {
-            "rng": rng_state(), "gen": self.gen.get_state(), "position": json.dumps(self.stream.position()),
-            "step": self.step, "bad_in_a_row": self.bad_in_a_row,
-            # the metrics since the last log line: a resumed run logs the same means an uninterrupted one does
-            "window": json.dumps(self.window.state() if self.window is not None else None)}))
-        self._agree_or_raise(failure, tmp)
-        meta = self.checkpoint_meta()
-        final = ckpt_io.step_dir(self.ckpt_root, self.step)
-        if self.info.is_main:
-            failure = _attempt(lambda: ckpt_io.finish_save(self.ckpt_root, tmp, self.step, meta,
-                                                           self.cfg.train.keep_last, write_extra=self.write_files))
-        self._agree_or_raise(failure, tmp)
-        log.info("checkpoint written: %s", final)
-        return final
-
-    def _agree_or_raise(self, failure: Optional[OSError], tmp: Path) -> None:
-        """Every rank learns whether any rank failed to write its part (collective); then all raise."""
-        if all_ranks_true(failure is None, self.info.device):
-            return
-        if self.info.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise failure if failure is not None else CheckpointWriteError(
-            f"{tmp}: another rank could not write its part of the checkpoint (see its log)")
+        return self.checkpoints.save(self.step, self)
 
     # ------------------------------------------------------------------------------------------- training
     def bad_step(self, what: str) -> None:
@@ -508,8 +475,6 @@ def run_main(make_trainer: Callable[[Config, DistInfo, Path, Optional[str]], Tra
     Exit status: 0 done, 2 bad config or input (`ConfigError`, `CheckpointError`, a manifest problem and
     `input_errors`), 3 checkpointed after a signal, 1 other failures (`TrainingStopped`, no readable data).
     """
-    from data_pipeline.loader import NoReadableSamplesError
-    from data_pipeline.manifest import ManifestError
 
     args = parse_args(description, argv)
     cfg = config_from_args(args)
@@ -540,7 +505,7 @@ def run_main(make_trainer: Callable[[Config, DistInfo, Path, Optional[str]], Tra
     except ConfigError as err:
         log.error("config error: %s", err)
         status = EXIT_CONFIG
-    except (ckpt_io.CheckpointError, ManifestError, *input_errors) as err:
+    except (CheckpointError, ManifestError, *input_errors) as err:
         log.error("%s", err)
         status = EXIT_CONFIG
     except (TrainingStopped, NoReadableSamplesError) as err:
@@ -554,36 +519,6 @@ def run_main(make_trainer: Callable[[Config, DistInfo, Path, Optional[str]], Tra
             lock.release()
         cleanup()
     return status
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint write failed on another rank (its log names the file)."""
-
-
-def _attempt(write: Callable[[], Any]) -> Optional[OSError]:
-    """Run a checkpoint write; a failure comes back as an OSError naming the file (None on success).
-
-    torch.save and safetensors report a full disk as RuntimeError ("unexpected pos ...") or SafetensorError: those
-    are turned into ENOSPC when the filesystem is full, so the message says so."""
-    import errno
-
-    try:
-        write()
-    except OSError as err:
-        return err
-    except Exception as err:  # noqa: BLE001 - serialisers wrap the OS error in their own types
-        text = str(err)
-        if "code: 28" in text or "No space left" in text or "unexpected pos" in text:
-            return OSError(errno.ENOSPC, "No space left on device", _filename_in(text))
-        raise
-    return None
-
-
-def _filename_in(text: str) -> Optional[str]:
-    import re
-
-    match = re.search(r"(/[^\s'\"]+)", text)
-    return match.group(1) if match else None
 
 
 class RunDirError(ValueError):
@@ -609,7 +544,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config) -> RunLock:
     except OSError as err:
         raise RunDirError(f"run directory {run_dir}: cannot create its lock file ({err.strerror or err})") from None
     try:
-        ckpt_io.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     except OSError as err:
         lock.release()
         raise RunDirError(f"run directory {run_dir}: cannot write config.yaml ({err.strerror or err})") from None

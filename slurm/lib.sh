@@ -2,7 +2,7 @@
 #
 #   dit_setup           cd to the repo, pick the python, export MASTER_ADDR/MASTER_PORT, the CPUs of every srun
 #                       task (SRUN_CPUS_PER_TASK), thread counts, NCCL error handling and malloc settings
-#   dit_master_port J   the rendezvous port of job J (launch/distributed.py's slurm_master_port: the same formula)
+#   dit_master_port J   the rendezvous port of job J (data_pipeline/dist_env.py's slurm_master_port: the same formula)
 #   dit_args R ...      build DIT_ARGS from $CONFIG, $OVERRIDES, $RUN_DIR and the script's arguments (R=1: add
 #                       --resume ${RESUME:-auto} unless given)
 #   dit_require_config  fail early when DIT_ARGS has no --config
@@ -17,7 +17,7 @@ dit_log() { echo "[slurm $(date -u +%H:%M:%S)] $*"; }
 dit_die() { echo "[slurm] error: $*" >&2; exit 2; }
 
 # 15000-29999: below Linux's ephemeral ports (32768+, where an outgoing connection may hold the port), the same on
-# every task and across requeues, different for jobs sharing a node. Keep in step with launch/distributed.py.
+# every task and across requeues, different for jobs sharing a node. Keep in step with data_pipeline/dist_env.py.
 dit_master_port() { echo $((15000 + ${1:-0} % 15000)); }
 
 # The repo: $DIT_REPO, else the submit dir (sbatch copies the script to a spool dir, so $0 does not help).

@@ -46,7 +46,7 @@ dit_require_config
 
 # One task per GPU (the allocation's 8 per node), each with the job's --cpus-per-task (SRUN_CPUS_PER_TASK, set by
 # slurm/lib.sh). A task that sees all the node's GPUs uses cuda:$SLURM_LOCALID; with --gpus-per-task=1 (or
-# --gpu-bind) it sees only its own and uses cuda:0 (launch/distributed.py select_device).
+# --gpu-bind) it sees only its own and uses cuda:0 (data_pipeline/devices.py select_device).
 # --kill-on-bad-exit: a crashed rank takes the step down instead of leaving the others hung in a collective.
 # shellcheck disable=SC2086  # SRUN_ARGS is a list of flags
 dit_run_requeueable srun --kill-on-bad-exit=1 ${SRUN_ARGS:-} "$DIT_PY" launch/train.py "${DIT_ARGS[@]}"

@@ -76,7 +76,7 @@ def legacy_score(merged: Dict[str, np.ndarray], settings: EvalSettings, extracto
 
 def legacy_outputs(merged: Dict[str, np.ndarray], settings: EvalSettings, out: Path) -> None:
     """grid.png and samples.npz as the old ``evaluate`` wrote them."""
-    from launch.visuals import save_image_grid
+    from eval.visuals import save_image_grid
 
     if settings.grid > 0:
         n = min(settings.grid, len(merged["images"]))

@@ -157,19 +157,46 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     return {"ckpt": str(ckpt), "file": str(afile), "npz": str(npz), "dir": str(root)}
 
 
-@pytest.mark.slow
+def _run_main(argv: list[str], monkeypatch, capfd) -> tuple[int, str]:
+    """The entry point's own `main(argv)` in this process (what `python SCRIPT ARGS` runs, without paying a fresh
+    interpreter and torch import per case): (exit status, stderr)."""
+    import importlib
+    import sys
+
+    module = importlib.import_module(argv[0][: -len(".py")].replace("/", "."))
+    monkeypatch.setattr(sys, "argv", list(argv))  # argparse names the program after argv[0]
+    capfd.readouterr()
+    try:
+        status = module.main(argv[1:])
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return status, capfd.readouterr().err
+
+
 @pytest.mark.parametrize("argv, expected", CASES, ids=[_case_id(c) for c in CASES])
-def test_bad_input_is_one_line_and_exit_2(argv, expected, inputs, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(argv, expected, inputs, tmp_path, monkeypatch, capfd):
     out = tmp_path / "out"
     fill = dict(inputs, out=str(out))
     args = [a.format(**fill) for a in argv]
     # TORCH_HOME without weights: a bad argument must be reported as itself, not as missing Inception/LPIPS weights
-    proc = run_entry(args, timeout=240, TORCH_HOME=str(tmp_path / "torch_home"))
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    status, err = _run_main(args, monkeypatch, capfd)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert status == 2, err[-3000:]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert lines[0].startswith(expected.format(**fill)), lines[0]
     assert not out.exists(), "a refused command wrote something"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [0, 8, 22, 32, 38, 43])  # one case of each entry point, as a real process
+def test_bad_input_through_a_fresh_process(index, inputs, tmp_path):
+    argv, expected = CASES[index]
+    out = tmp_path / "out"
+    fill = dict(inputs, out=str(out))
+    proc = run_entry([a.format(**fill) for a in argv], timeout=240, TORCH_HOME=str(tmp_path / "torch_home"))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected.format(**fill)), proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------ in process
@@ -177,7 +204,7 @@ def test_device_checks_emulate_a_gpu_machine(monkeypatch):
     """--device on a machine with one CUDA device (torch's queries patched to report what a 1-GPU node reports)."""
     import torch
 
-    from launch.checks import device_arg, device_problem
+    from data_pipeline.checks import device_arg, device_problem
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -190,7 +217,7 @@ def test_device_checks_emulate_a_gpu_machine(monkeypatch):
 
 
 def test_range_ends_nan_and_formatting():
-    from launch.checks import Range, number_arg
+    from data_pipeline.checks import Range, number_arg
 
     r = Range(0.0, 1.0, hi_open=True, why="because")
     assert 0.0 in r and 0.999 in r and 1.0 not in r and -0.0 in r
@@ -208,7 +235,7 @@ def test_range_ends_nan_and_formatting():
 
 
 def test_one_line_parser_usage_errors(capsys):
-    from launch.checks import OneLineParser
+    from data_pipeline.checks import OneLineParser
 
     ap = OneLineParser(prog="x.py")
     ap.add_argument("--need", required=True)

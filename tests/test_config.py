@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.config import ConfigError, load_config
+from eval.config import ConfigError, load_config
 from tests.conftest import ROOT, run_entry
 
 
@@ -144,7 +144,7 @@ def test_every_numeric_key_declares_a_range():
     import dataclasses
     import typing
 
-    from launch import config as config_mod
+    from eval import config as config_mod
 
     missing, checked = [], 0
 

@@ -106,7 +106,7 @@ def test_train_end_to_end_on_one_gpu(stage, precision, small_shards, tmp_path):
     assert max_weight_diff(run / "model_ema.safetensors", run / "checkpoints" / "step_0000004" / "ema.safetensors") == 0
     assert (run / "samples" / "step_0000004.png").is_file()
     # the consolidated weights run on the GPU through the inference path
-    from launch.inference import load_checkpoint
+    from eval.inference import load_checkpoint
 
     gen, _ = load_checkpoint(run / "model_ema.safetensors", DEVICE)
     images = gen.sample_batch(torch.tensor([1, 2]), [0, 1], steps=3, cfg_scale=2.0,

@@ -170,7 +170,7 @@ def test_mean_std_loader_draws_fresh_posterior_noise_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_encode_latents_cli_with_project_vae(tmp_path):
-    vae_io = pytest.importorskip("launch.vae_io")
+    vae_io = pytest.importorskip("data_pipeline.vae_io")
     from dit.vae import AutoencoderKL
 
     try:

@@ -12,7 +12,7 @@ from tests.conftest import ROOT, run_entry
 
 @pytest.mark.parametrize("name", ["mnist_demo.yaml", "mnist_demo_quick.yaml", "mnist_demo_pixels.yaml"])
 def test_demo_configs_load(name):
-    from launch.config import load_config
+    from eval.config import load_config
 
     cfg = load_config(ROOT / "configs" / "runs" / name)
     assert cfg.model.num_classes is None and cfg.model.class_dropout_prob > 0  # conditional, with a null class

@@ -1,4 +1,4 @@
-"""launch/distributed.py: device choice for every GPU layout SLURM and torchrun produce (the GPU is emulated by
+"""data_pipeline/dist_env.py and devices.py: device choice for every GPU layout SLURM and torchrun produce (the GPU
 patching torch.cuda's queries), the rendezvous port shared with slurm/lib.sh, and the process-group timeout."""
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launch import distributed
-from launch.distributed import DeviceLayoutError, local_world_size, resolve_env, select_device, slurm_master_port
+from data_pipeline import dist_env as distributed
+from data_pipeline.devices import DeviceLayoutError, select_device
+from data_pipeline.dist_env import local_world_size, resolve_env, slurm_master_port
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")

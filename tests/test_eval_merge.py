@@ -35,7 +35,7 @@ def write_parts(parts: Path, n: int, world: int, batch: int, size: int = 8, chan
 
 
 class FakeGenerator:
-    """Stands in for launch.inference.Generator when every sample is already on disk (nothing is generated)."""
+    """Stands in for eval.inference.Generator when every sample is already on disk (nothing is generated)."""
 
     num_classes, device = 5, torch.device("cpu")
 
@@ -131,7 +131,7 @@ def test_samples_npz_and_grid_equal_the_old_files(tmp_path, monkeypatch, chunked
         assert calls and max(calls) == 5 and sum(calls) == 21
     with np.load(new_dir / "samples.npz") as z:
         assert z["arr_0"].shape == (21, 8, 8, 3) and z["arr_1"].tolist() == [i % 5 for i in range(21)]
-    from launch.visuals import save_image_grid
+    from eval.visuals import save_image_grid
 
     save_image_grid(merged.images(0, 7), new_dir / "grid.png", nrow=3)
     assert (new_dir / "grid.png").read_bytes() == (old_dir / "grid.png").read_bytes()
@@ -203,9 +203,7 @@ def test_classifier_metrics_in_chunks_equal_all_at_once(tmp_path, monkeypatch):
     assert new == clf.metrics(torch.from_numpy(old["images"]).permute(0, 3, 1, 2), labels)
     assert set(new) == {"digits_n", "digits_accuracy", "digits_fd", "digits_classifier_heldout_accuracy"}
     # what score() runs for --classifier mnist (labels only for a 10-class model)
-    import eval.mnist_classifier
-
-    monkeypatch.setattr(eval.mnist_classifier, "get_classifier", lambda data=None: clf)
+    monkeypatch.setattr(fid, "get_classifier", lambda data=None: clf)
     assert score(merged, EvalSettings(num_samples=1100, metrics=(), classifier="mnist"), None, 10) == new
     assert "digits_accuracy" not in score(merged, EvalSettings(num_samples=1100, metrics=(), classifier="mnist"),
                                           None, 0)

@@ -15,7 +15,7 @@ import torch
 from tests.conftest import ROOT, entry_env
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_check  # noqa: E402
+import gpu_check
 
 
 def _planted_sync(x: torch.Tensor) -> float:

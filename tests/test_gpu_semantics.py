@@ -75,7 +75,7 @@ def test_tf32_is_switched_for_cuda_devices_only(restore_tf32_flags):
     Ampere/Hopper), off on request for exactness; a CPU device leaves the flags alone."""
     import torch
 
-    from launch.tf32 import configure_tf32
+    from data_pipeline.devices import configure_tf32
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     assert configure_tf32(torch.device("cpu"), True) is False
@@ -183,9 +183,9 @@ def test_training_batches_are_pinned_for_a_gpu(monkeypatch, small_shards):
     """Host-to-device copies are asynchronous only from pinned memory: a GPU rank's stream pins its batches (with
     data-loader workers, the DataLoader's pinning thread does; without, the stream itself). Emulated: a CUDA
     device in DistInfo and a pin_memory that records the call."""
+    from data_pipeline.dist_env import DistInfo
     from data_pipeline.loader import build_stream
-    from launch.config import load_config
-    from launch.distributed import DistInfo
+    from eval.config import load_config
     from launch.trainer_base import stream_options
 
     cfg = load_config(TINY, [f"data.shards={small_shards}", "data.num_workers=0"])
@@ -250,8 +250,8 @@ def test_log_records_peak_gpu_memory_on_cuda_only(monkeypatch):
 def test_gradient_reduction_dtype_reaches_every_zero_stage(comm):
     """Under torch_autocast, ZeRO 1-3 reduce each parameter's gradient in the dtype `lower_precision_safe_modules`
     gives it and ignore `communication_data_type` (which ZeRO-0 uses): both must say the configured dtype."""
+    from eval.config import load_config
     from launch.builders import deepspeed_config
-    from launch.config import load_config
 
     for precision in ("bf16", "fp32"):
         cfg = load_config(TINY, [f"train.deepspeed.grad_comm_dtype={comm}", f"train.precision={precision}"])

@@ -1,4 +1,4 @@
-"""launch/inference.py: checkpoints (file / directory) → generator → uint8 images."""
+"""eval/inference.py: checkpoints (file / directory) → generator → uint8 images."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from dit.models import DiT
-from launch.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed, to_uint8
+from eval.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed, to_uint8
 
 PIXEL_KW = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
                 learn_sigma=True)
@@ -103,8 +103,8 @@ def test_guidance_on_unconditional_model_is_an_error(tmp_path):
 
 
 def test_latent_checkpoint_decodes_with_denormalisation(tmp_path):
+    from data_pipeline.vae_io import save_vae
     from dit.vae import AutoencoderKL
-    from launch.vae_io import save_vae
 
     torch.manual_seed(1)
     vae = AutoencoderKL(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=2,

@@ -12,7 +12,6 @@ from dit import native
 from dit.bf16_linear import onednn_bf16
 from tests.conftest import ROOT, entry_env, native_kernels_marker
 
-
 needs_kernels = native_kernels_marker()
 DTYPES = [torch.bfloat16, torch.float32]
 

@@ -64,7 +64,7 @@ def test_labels_by_name_and_index_grid_and_image_folder(cond_ckpt, tmp_path):
     assert record["settings"]["cfg_scale"] == 2 and record["step"] == 2
 
     # the same images straight from the Generator with the documented seed rule (wiring, not a copy of it)
-    from launch.inference import load_checkpoint, sample_seed
+    from eval.inference import load_checkpoint, sample_seed
 
     gen, _ = load_checkpoint(cond_ckpt)
     ref = gen.generate([lab for lab, _ in expected], [sample_seed(3, i) for i in range(4)], batch_size=4,
@@ -133,3 +133,41 @@ def test_cli_on_run_dir_and_bad_path(cond_ckpt, tmp_path):
     assert rec["checkpoint"].endswith("step_0000002/ema.safetensors")
     proc = run_entry(["launch/sample.py", "--ckpt", str(tmp_path / "nope"), "--labels", "1", "--out", str(out)])
     assert proc.returncode == 2 and "nope" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_settings_come_from_the_checkpoints_config_then_config_set_and_flags(tmp_path):
+    """sample.py and fid.py read their defaults from the one schema: the checkpoint's stored training config first,
+    then --config / --set, then explicit flags win."""
+    ckpt = _write_ckpt(tmp_path / "m.safetensors", 2, ["a", "b"])
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(ckpt), "pt") as fh:
+        meta = json.loads(fh.metadata()["ditstack"])
+    meta["config"] = {"sample": {"steps": 3, "sampler": "ddim", "cfg_scale": 2.0},
+                      "eval": {"num_samples": 4, "steps": 2, "sampler": "ddim", "metrics": [], "batch_size": 4}}
+    save_file(load_file(str(ckpt)), str(ckpt), metadata={"ditstack": json.dumps(meta)})
+
+    def settings(*extra: str) -> dict:
+        out = tmp_path / f"g{len(list(tmp_path.glob('g*')))}" / "grid.png"
+        proc = run_entry(["launch/sample.py", "--ckpt", str(ckpt), "--num", "2", "--no-progress", "--out", str(out),
+                          *extra], timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(out.with_suffix(".json").read_text())["settings"]
+
+    assert settings()["steps"] == 3 and settings()["cfg_scale"] == 2.0  # the checkpoint's config
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("sample:\n  steps: 4\n")
+    assert settings("--config", str(cfg_file))["steps"] == 4
+    assert settings("--config", str(cfg_file), "--set", "sample.steps=5")["steps"] == 5
+    assert settings("--set", "sample.steps=5", "--steps", "6")["steps"] == 6  # an explicit flag wins
+    proc = run_entry(["launch/sample.py", "--ckpt", str(ckpt), "--set", "sample.steps=0", "--out",
+                      str(tmp_path / "x.png")], timeout=120)
+    assert proc.returncode == 2 and "sample.steps" in proc.stderr.strip().splitlines()[-1]
+
+    out = tmp_path / "eval"
+    proc = run_entry(["eval/fid.py", "--ckpt", str(ckpt), "--out", str(out), "--grid", "0"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["settings"]["num_samples"] == 4 and record["settings"]["steps"] == 2

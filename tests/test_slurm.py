@@ -19,7 +19,7 @@ from typing import Optional
 
 import pytest
 
-from launch.distributed import slurm_master_port
+from data_pipeline.dist_env import slurm_master_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"

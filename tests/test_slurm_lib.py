@@ -57,8 +57,8 @@ def test_user_values_win():
 
 
 def test_nccl_and_malloc_defaults():
-    """The same NCCL error handling as launch/distributed.py sets for other launchers; README's malloc settings."""
-    from launch.distributed import NCCL_ASYNC_ERROR_HANDLING
+    """The same NCCL error handling as data_pipeline/dist_env.py sets for other launchers; README's malloc settings."""
+    from data_pipeline.dist_env import NCCL_ASYNC_ERROR_HANDLING
 
     values, _ = dit_setup(SLURM_JOB_ID="123", SLURM_CPUS_PER_TASK="8")
     assert values["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == NCCL_ASYNC_ERROR_HANDLING

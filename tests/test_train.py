@@ -18,8 +18,10 @@ from tests.conftest import ROOT, entry_env, run_entry, torchrun_cmd
 TINY = "configs/runs/tiny_test.yaml"
 
 
-def torchrun(args: list[str], nproc: int = 2, **env: str) -> subprocess.Popen:
-    cmd = torchrun_cmd("launch/train.py", args, nproc)
+def torchrun(args: list[str], nproc: int = 2, fault: str | None = None, **env: str) -> subprocess.Popen:
+    """launch/train.py on `nproc` ranks (with `fault`: through tests/support/faults.py, which injects it)."""
+    cmd = torchrun_cmd("launch/train.py", args, nproc) if fault is None else \
+        torchrun_cmd("tests/support/faults.py", [fault, "--", *args], nproc)
     return subprocess.Popen(cmd, cwd=ROOT, env=entry_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -107,7 +109,7 @@ def test_kill9_during_checkpoint_write_then_resume_auto(small_shards, tmp_path):
     run_train(straight, small_shards, *common)
     crashed = tmp_path / "crashed"
     proc = torchrun(["--config", TINY, "--run-dir", str(crashed), "--set", f"data.shards={small_shards}",
-                     *sum((["--set", s] for s in common), [])], DITSTACK_FAULT="kill_in_save:6")
+                     *sum((["--set", s] for s in common), [])], fault="kill_in_save:6")
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode != 0, out[-3000:]
     root = crashed / "checkpoints"
@@ -187,9 +189,9 @@ def test_bad_inputs_fail_with_one_line(small_shards, tmp_path):
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_the_run_stops(small_shards, tmp_path):
     run = tmp_path / "nan"
-    proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(run), "--set", f"data.shards={small_shards}",
-                      "--set", "train.max_steps=20", "--set", "train.max_bad_steps=3", "--set", "train.ckpt_every=2"],
-                     timeout=600, DITSTACK_FAULT="nan_loss_from:3")
+    proc = run_entry(["tests/support/faults.py", "nan_loss_from:3", "--", "--config", TINY, "--run-dir", str(run),
+                      "--set", f"data.shards={small_shards}", "--set", "train.max_steps=20",
+                      "--set", "train.max_bad_steps=3", "--set", "train.ckpt_every=2"], timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "3 non-finite steps in a row" in proc.stderr
     metas = [json.loads((p / "meta.json").read_text()) for p in (run / "checkpoints").glob("step_*")]
@@ -200,9 +202,9 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(small_shards, tmp_path):
 @pytest.mark.slow
 def test_nonfinite_weights_are_never_saved(small_shards, tmp_path):
     run = tmp_path / "nanw"
-    proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(run), "--set", f"data.shards={small_shards}",
-                      "--set", "train.max_steps=8", "--set", "train.ckpt_every=3"],
-                     timeout=600, DITSTACK_FAULT="nan_weight_at:3")
+    proc = run_entry(["tests/support/faults.py", "nan_weight_at:3", "--", "--config", TINY, "--run-dir", str(run),
+                      "--set", f"data.shards={small_shards}", "--set", "train.max_steps=8",
+                      "--set", "train.ckpt_every=3"], timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "non-finite weights at step 3: refusing to write a checkpoint" in proc.stderr
     assert not list((run / "checkpoints").glob("step_*"))
@@ -293,8 +295,8 @@ def test_one_rank_zero0_skips_an_inf_gradient_step_and_keeps_training(small_shar
     run = tmp_path / "infgrad"
     sets = [f"data.shards={small_shards}", "train.deepspeed.zero_stage=0", "train.max_steps=5", "train.log_every=1",
             "train.grad_clip=0.5", "train.ema_every=2", "train.ckpt_every=3"]
-    proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(run), *sum((["--set", s] for s in sets), [])],
-                     timeout=600, DITSTACK_FAULT="inf_grad_at:2")
+    proc = run_entry(["tests/support/faults.py", "inf_grad_at:2", "--", "--config", TINY, "--run-dir", str(run),
+                      *sum((["--set", s] for s in sets), [])], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 2: non-finite loss or gradient, optimizer step skipped (1 in a row)" in proc.stderr
     records = {r["step"]: r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}

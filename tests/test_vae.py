@@ -129,7 +129,7 @@ def test_perceptual_term_is_added():
 
 # ------------------------------------------------------------------------------------------- perceptual
 def test_missing_lpips_weights_give_a_clear_error(tmp_path, monkeypatch):
-    from launch.vae_io import LPIPSWeightsMissing, build_perceptual, lpips_backbone_path
+    from data_pipeline.vae_io import LPIPSWeightsMissing, build_perceptual, lpips_backbone_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     file, url = lpips_backbone_path("vgg")
@@ -152,7 +152,7 @@ def test_missing_lpips_weights_give_a_clear_error(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- vae_io
 def test_save_load_roundtrip(tmp_path):
-    from launch.vae_io import load_vae, read_vae_metadata, save_vae
+    from data_pipeline.vae_io import load_vae, read_vae_metadata, save_vae
 
     torch.manual_seed(0)
     vae = tiny_vae(mult=(1, 2, 2, 2))
@@ -180,8 +180,9 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def test_load_vae_errors(tmp_path):
-    from launch.vae_io import VAELoadError, load_vae
     from safetensors.torch import save_file
+
+    from data_pipeline.vae_io import VAELoadError, load_vae
 
     with pytest.raises(VAELoadError, match="not found"):
         load_vae(tmp_path / "nope.safetensors")
@@ -197,7 +198,7 @@ def test_load_vae_errors(tmp_path):
 
 def test_diffusers_autoencoder_loads_through_load_vae(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    from launch.vae_io import load_vae
+    from data_pipeline.vae_io import load_vae
 
     torch.manual_seed(0)
     ref = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
@@ -272,7 +273,7 @@ def test_evaluate_reconstruction_and_grid(tmp_path):
 
 
 def test_random_lpips_backbone_is_seeded_and_leaves_global_rng_alone():
-    from launch.vae_io import build_perceptual
+    from data_pipeline.vae_io import build_perceptual
 
     torch.manual_seed(123)
     before = torch.get_rng_state()

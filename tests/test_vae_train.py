@@ -107,7 +107,7 @@ def test_training_lowers_the_loss_and_reconstructs_held_out_digits(tiny_shards, 
     assert all("d_loss" in r and "g_adv" in r and "lpips" in r and "kl" in r for r in recs if r["step"] > 150)
     assert sorted(p.name for p in (run / "grids").glob("*.png")) == ["step_0000100.png", "step_0000200.png"]
     # the exported VAE records the latent layout, and reconstructs the held-out shards above the floor
-    from launch.vae_io import load_vae
+    from data_pipeline.vae_io import load_vae
 
     vae = load_vae(run / "vae.safetensors")
     meta = vae.metadata

@@ -44,7 +44,7 @@ class HostReads(TorchFunctionMode):
 
 def main() -> int:
     out, steps = Path(sys.argv[1]), int(sys.argv[2])
-    from launch.distributed import cleanup
+    from data_pipeline.dist_env import cleanup
     from tests.support.trainer_harness import build_trainer
 
     trainer = build_trainer(sys.argv[sys.argv.index("--") + 1:])

@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     out = Path(sys.argv[1])
+    from data_pipeline.dist_env import barrier, cleanup
     from launch import optimizer_state
-    from launch.distributed import barrier, cleanup
     from tests.support.trainer_harness import build_trainer
 
     trainer = build_trainer(sys.argv[sys.argv.index("--") + 1:])

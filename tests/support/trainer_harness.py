@@ -12,8 +12,8 @@ if str(ROOT) not in sys.path:
 
 def build_trainer(argv: list[str]) -> Any:
     """The `launch.train.Trainer` of these arguments (process group, logging and all), not yet run."""
-    from launch.config import config_from_args
-    from launch.distributed import init_distributed
+    from data_pipeline.dist_env import init_distributed
+    from eval.config import config_from_args
     from launch.run_utils import setup_logging
     from launch.train import Trainer
     from launch.trainer_base import parse_args

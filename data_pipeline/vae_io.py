@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from data_pipeline.files import atomic_save_safetensors
 from dit.vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,6 @@ def save_vae(path: str | os.PathLike, model: AutoencoderKL, *, image_size: Optio
     if extra:
         meta.update(extra)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from launch.checkpoint import atomic_save_safetensors
 
     atomic_save_safetensors(tensors, path, metadata={METADATA_KEY: json.dumps(meta)})
     return path

@@ -1,6 +1,6 @@
 """Valid ranges of numbers, and one-line errors for bad command-line input.
 
-Every numeric config key (launch/config.py) and every numeric flag of the entry points declares a `Range`; a value
+Every numeric config key (eval/config.py) and every numeric flag of the entry points declares a `Range`; a value
 outside it, NaN or an infinity is refused with one line naming the key or flag, the range and, where a bound is a
 judgement rather than a law, why. `OneLineParser` makes argparse's own usage errors one line too (exit status 2).
 """

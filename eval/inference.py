@@ -8,7 +8,6 @@ seed and label, never on the batch it was drawn in.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -17,6 +16,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from data_pipeline.devices import autocast
+from data_pipeline.vae_io import load_vae
+from dit.diffusion import create_diffusion
+from dit.models import DiT
+from dit.samplers import make_cfg_model_fn, sample
+from eval.checkpoints import EMA_FILE, find_latest
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +39,6 @@ class InferenceError(ValueError):
 
 def resolve_checkpoint(path: Union[str, os.PathLike]) -> Path:
     """The weights file behind ``path``: a ``.safetensors`` file, a checkpoint dir, or a run/checkpoints dir."""
-    from launch.checkpoint import EMA_FILE, find_latest
 
     p = Path(path)
     if p.is_file():
@@ -90,12 +95,6 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)
 
 
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 class Generator:
     """A DiT with its diffusion, (optional) VAE and latent normalisation, on one device.
 
@@ -105,12 +104,11 @@ class Generator:
         data_info: the checkpoint's ``data`` block (``image_size``, ``channels``, ``class_names``).
         latent: the checkpoint's ``latent`` block (None for pixel space).
         device: where sampling runs.
-        vae: a loaded VAE handle (``launch.vae_io``); loaded from ``latent["vae"]`` when None and needed.
+        vae: a loaded VAE handle (``data_pipeline.vae_io``); loaded from ``latent["vae"]`` when None and needed.
     """
 
     def __init__(self, model: torch.nn.Module, diffusion_kwargs: Dict[str, Any], data_info: Dict[str, Any],
                  latent: Optional[Dict[str, Any]], device: Union[str, torch.device], vae: Any = None):
-        from dit.diffusion import create_diffusion
 
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -127,7 +125,6 @@ class Generator:
         self._lowp: Dict[torch.dtype, Tuple[Tuple[int, ...], torch.nn.Module]] = {}
         if latent is not None:
             if vae is None:
-                from launch.vae_io import load_vae
 
                 try:
                     vae = load_vae(latent["vae"], device=self.device)
@@ -148,7 +145,6 @@ class Generator:
     def model_fn(self, cfg_scale: float = 1.0, guide_channels: Union[str, int] = "all",
                  guidance_interval: Optional[Sequence[float]] = None, dtype: Optional[torch.dtype] = None):
         """``model_fn(x, t, y)`` for the sampler: the DiT (with CFG when ``cfg_scale != 1``) under ``dtype`` autocast."""
-        from dit.samplers import make_cfg_model_fn
 
         model = self.model_for(dtype)
         if cfg_scale != 1.0:
@@ -164,7 +160,7 @@ class Generator:
             inner = model
 
         def fn(x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-            with _autocast(self.device, dtype):
+            with autocast(self.device, dtype):
                 return inner(x, t, y).float()
 
         return fn
@@ -206,7 +202,6 @@ class Generator:
                      guide_channels: Union[str, int] = "all", guidance_interval: Optional[Sequence[float]] = None,
                      dtype: Optional[torch.dtype] = None, progress: bool = False) -> torch.Tensor:
         """uint8 images [B, C, H, W] (CPU) for ``labels`` [B] (None if unconditional) and one seed per sample."""
-        from dit.samplers import sample
 
         gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
         b = len(gens)
@@ -246,7 +241,6 @@ def load_checkpoint(path: Union[str, os.PathLike], device: Union[str, torch.devi
     """(Generator, metadata + ``"weights_file"``) from a checkpoint (see module doc); ``vae`` overrides its VAE."""
     from safetensors.torch import load_file
 
-    from dit.models import DiT
 
     f, meta = read_checkpoint_meta(path)
     try:
@@ -270,7 +264,6 @@ def load_checkpoint(path: Union[str, os.PathLike], device: Union[str, torch.devi
     handle = None
     if vae is not None and meta["latent"] is not None:
         if isinstance(vae, (str, os.PathLike)):
-            from launch.vae_io import load_vae
 
             handle = load_vae(vae, device=device)
         else:

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
+from data_pipeline.files import read_jsonl
+
 
 def image_grid(images: np.ndarray, nrow: int, transpose: bool = False, pad: int = 2) -> np.ndarray:
     """Tile uint8 images [N, H, W, C] into one [H', W', C] array, `nrow` images per row.
@@ -68,7 +70,6 @@ def plot_loss_curve(log_path: Path, out: Path, key: str = "loss") -> Path | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from launch.run_utils import read_jsonl
 
     records = [r for r in read_jsonl(log_path) if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     if not records:

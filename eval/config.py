@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -19,7 +20,10 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
-from launch.checks import MAX_CHANNELS, Range
+from data_pipeline.checks import MAX_CHANNELS, Range
+from dit.models import DiT_models, preset_kwargs  # late import: the config module must stay importable on its own
+
+log = logging.getLogger(__name__)
 
 EXIT_CONFIG_ERROR = 2
 
@@ -161,6 +165,7 @@ class SampleConfig:
     guide_channels: GuideChannels = "all"  # "all" or N <= the input channels: how many leading channels CFG guides (official DiT: 3)
     guidance_interval: Optional[list[float]] = bounded(None, 0.0, MAX_DIFFUSION_STEPS)  # [t_lo, t_hi] (t_lo <= t_hi) in training timesteps
     seed: int = bounded(0, 0, 2**32 - 1, why=SEED_WHY)  # seed of the grid's noise
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # launch/sample.py: model dtype (grids: train.precision)
 
 
 @dataclass
@@ -180,7 +185,7 @@ class EvalConfig:
     inception_weights: Optional[str] = None  # local Inception weights file (default: the torch hub cache)
     metrics: list[str] = field(default_factory=lambda: ["fid", "is"])  # of fid, is, kid, pr ([] : no Inception)
     classifier: Optional[Literal["mnist"]] = None  # offline quality metric: accuracy + Frechet distance of a classifier
-    dtype: Literal["fp32", "bf16"] = "fp32"  # model dtype while sampling (recorded beside the number)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # model dtype while sampling (recorded beside the number)
 
 
 @dataclass
@@ -395,9 +400,11 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
-def load_config(path: Optional[str | os.PathLike], overrides: Optional[list[str]] = None) -> Config:
-    """Read a YAML config (with includes), apply `section.key=value` overrides and validate it."""
-    data = _read_yaml(Path(path)) if path else {}
+def load_config(path: Optional[str | os.PathLike], overrides: Optional[list[str]] = None,
+                base: Optional[dict] = None) -> Config:
+    """Read a YAML config (with includes) over `base` (e.g. a checkpoint's stored config), apply `section.key=value`
+    overrides and validate it."""
+    data = _deep_merge(base or {}, _read_yaml(Path(path)) if path else {})
     for text in overrides or []:
         parts, value = parse_override(text)
         node = data
@@ -417,7 +424,6 @@ def _divisors(n: int) -> str:
 
 def _check_model(m: ModelConfig) -> None:
     """The architecture the config resolves to (preset values under the overrides) must build a DiT."""
-    from dit.models import DiT_models, preset_kwargs  # late import: the config module must stay importable on its own
 
     if m.name not in DiT_models and m.name != "custom":
         raise ConfigError(f"model.name: unknown model {m.name!r}; valid choices: {', '.join(DiT_models)}, custom")
@@ -485,6 +491,27 @@ def _check_semantics(cfg: Config) -> None:
         gi = sec.guidance_interval
         if gi is not None and (len(gi) != 2 or gi[0] > gi[1]):
             raise ConfigError(f"{section}.guidance_interval: expected [t_lo, t_hi] with t_lo <= t_hi, got {gi}")
+
+
+def config_for_checkpoint(path: Optional[str | os.PathLike], overrides: Optional[list[str]],
+                          stored: Optional[dict]) -> Config:
+    """The config of a tool that works on a checkpoint (sampling, evaluation): the schema's defaults, under the
+    training config the checkpoint stored (`stored`; ignored with a warning when this version's schema refuses it),
+    under the `--config` file, under the `--set` overrides."""
+    if stored is not None:
+        try:
+            config_from_dict(stored)
+        except ConfigError as err:
+            log.warning("the checkpoint's stored config does not validate here (%s): using the defaults", err)
+            stored = None
+    return load_config(path, overrides, base=stored)
+
+
+def fill_from_config(args: argparse.Namespace, section: Any, names: list[str]) -> None:
+    """Give every flag in `names` that was not on the command line (None) the value of `section`'s field."""
+    for name in names:
+        if getattr(args, name, None) is None:
+            setattr(args, name, getattr(section, name))
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -1,0 +1,28 @@
+"""The training loss of one batch, shared by the trainer and the LR finder (and anything else that trains a DiT).
+
+Everything random in it (the timesteps, the noise, the label dropout to the null class) is drawn from the
+caller's generator, in that order, so a resumed run that restores the generator replays the same draws.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from dit.diffusion import GaussianDiffusion
+
+
+def training_loss(model_fn: Callable[..., torch.Tensor], diffusion: GaussianDiffusion, x: torch.Tensor,
+                  y: torch.Tensor, *, num_classes: int, class_dropout_prob: float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Mean per-sample diffusion loss of the batch (x, y): uniform timesteps, Gaussian noise, and label dropout
+    with `class_dropout_prob` (classifier-free guidance's null class is part of the task). `model_fn(x_t, t,
+    y=..., force_drop_ids=...)` runs the model."""
+    device = x.device
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device, generator=generator)
+    noise = torch.randn(x.shape, device=device, generator=generator)
+    kwargs: dict[str, Any] = {"y": y if num_classes else None}
+    if num_classes and class_dropout_prob > 0:
+        drop = torch.rand(x.shape[0], device=device, generator=generator)
+        kwargs["force_drop_ids"] = (drop < class_dropout_prob).long()
+    return diffusion.training_losses(model_fn, x, t, model_kwargs=kwargs, noise=noise)["loss"].mean()
