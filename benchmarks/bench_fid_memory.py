@@ -39,7 +39,7 @@ POOL_DIM, LOGITS_DIM = 2048, 1008
 
 def fabricate(parts: Path, n: int, size: int, world: int, batch: int, seed: int = 0) -> float:
     """Part files of ``n`` samples as ``generate_parts`` writes them on ``world`` ranks; returns GB written."""
-    from eval.metrics import atomic_save_npz
+    from data_pipeline.files import atomic_save_npz
 
     stamp = parts / "fabricated.json"
     want = {"n": n, "size": size, "world": world, "batch": batch, "seed": seed}
@@ -67,7 +67,7 @@ def fabricate(parts: Path, n: int, size: int, world: int, batch: int, seed: int 
 
 def write_reference(path: Path, seed: int = 1) -> None:
     """Random reference statistics: mu [2048], an SPD sigma [2048, 2048] (as ADM's file holds)."""
-    from eval.metrics import atomic_save_npz
+    from data_pipeline.files import atomic_save_npz
 
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(POOL_DIM, POOL_DIM)) / np.sqrt(POOL_DIM)

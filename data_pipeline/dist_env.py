@@ -124,17 +124,21 @@ def local_world_size(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
     return None
 
 
+def _ranks(env: Mapping[str, str]) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK from torchrun/deepspeed variables, else SLURM's, else a single process."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {"RANK": env["RANK"], "WORLD_SIZE": env["WORLD_SIZE"], "LOCAL_RANK": env.get("LOCAL_RANK", "0")}
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+                "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+
+
 def resolve_env(env: Optional[Mapping[str, str]] = None) -> dict:
     """Return RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (and LOCAL_WORLD_SIZE when known) for this
     process as strings, from the launcher."""
     env = dict(os.environ if env is None else env)
-    if "RANK" in env and "WORLD_SIZE" in env:
-        out = {"RANK": env["RANK"], "WORLD_SIZE": env["WORLD_SIZE"], "LOCAL_RANK": env.get("LOCAL_RANK", "0")}
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
-               "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
-    else:
-        out = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    out = _ranks(env)
     local_world = local_world_size(env) if int(out["WORLD_SIZE"]) > 1 else 1
     if local_world is not None:
         out["LOCAL_WORLD_SIZE"] = str(local_world)
@@ -157,9 +161,8 @@ def resolve_env(env: Optional[Mapping[str, str]] = None) -> dict:
 
 def rank_world_from_env(env: Optional[Mapping[str, str]] = None) -> Tuple[int, int]:
     """(rank, world_size): torchrun/deepspeed (RANK, WORLD_SIZE), then SLURM (SLURM_PROCID, SLURM_NTASKS), else (0, 1)."""
-    env = os.environ if env is None else env
-    resolved = resolve_env(env)
-    rank, world = int(resolved["RANK"]), int(resolved["WORLD_SIZE"])
+    ranks = _ranks(os.environ if env is None else env)
+    rank, world = int(ranks["RANK"]), int(ranks["WORLD_SIZE"])
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"invalid rank {rank} for world size {world} in the environment")
     return rank, world

@@ -149,6 +149,47 @@ def _encode_shard(encode_fn: EncodeFn, reader: ShardReader, shard: int, in_manif
     return {"name": out_path.name, "num_samples": n, "bytes": w.num_bytes, "skipped": skipped, "shape": shape}
 
 
+def _image_shards(in_spec: str | os.PathLike) -> tuple[Dict[str, Any], List[str]]:
+    """(manifest, shard paths) of the image shards to encode; every listed shard must be on disk (checked on every
+    rank alike, before any rank writes a shard)."""
+    in_manifest, paths = mf.load_spec(in_spec)
+    if in_manifest["kind"] != "image":
+        raise mf.ManifestError(f"{in_spec}: encode_latents needs image shards, got kind={in_manifest['kind']!r}")
+    missing = mf.missing_files(paths)
+    if missing:
+        names = [os.path.basename(paths[i]) for i in missing]
+        raise mf.ShardError(f"{in_spec}: {len(missing)} of the {len(paths)} image shards listed in its manifest are "
+                            f"missing on disk: {mf.name_list(names)}", names)
+    return in_manifest, paths
+
+
+def _merge_manifest(parts: Sequence[Dict[str, Any]], in_spec: str | os.PathLike, in_manifest: Dict[str, Any],
+                    image_shards: str, vae_name: str, stored: str, scale_factor: Optional[float]) -> Dict[str, Any]:
+    """Rank 0: the latent manifest from every rank's part (shards, the latents' channel statistics)."""
+    shards = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["name"])
+    with_data = [p for p in parts if p["n"]]
+    if not shards or not with_data:
+        raise ValueError(f"{in_spec}: no readable image to encode")
+    shape_set = {tuple(p["shape"]) for p in with_data}
+    if len(shape_set) != 1:
+        raise ValueError(f"ranks produced latents of different shapes {sorted(shape_set)}")
+    n = sum(p["n"] for p in with_data)
+    mean = np.sum([p["s1"] for p in with_data], axis=0) / n
+    std = np.sqrt(np.maximum(np.sum([p["s2"] for p in with_data], axis=0) / n - mean * mean, 1e-12))
+    if scale_factor is None:
+        shift, scale = mean.tolist(), (1.0 / std).tolist()
+    else:
+        shift, scale = [0.0] * len(mean), [float(scale_factor)] * len(mean)
+    return {"kind": "latent", "shards": shards, "total": sum(s["num_samples"] for s in shards),
+            "image_size": in_manifest["image_size"], "channels": in_manifest["channels"],
+            "class_names": in_manifest["class_names"], "source": in_manifest.get("source"),
+            "split": in_manifest.get("split"), "image_shards": image_shards, "command": parts[0]["command"],
+            "skipped": list(in_manifest.get("skipped", [])) + [s for p in parts for s in p["skipped"]],
+            "latent": {"shape": list(shape_set.pop()), "vae": vae_name, "shift": shift, "scale": scale,
+                       "mean": mean.tolist(), "std": std.tolist(), "stored": stored, "dtype": "float16",
+                       "layout": LAYOUTS[stored], "scale_factor": scale_factor}}
+
+
 def encode_shards(encode_fn: EncodeFn, in_spec: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int = 0,
                   world_size: int = 1, batch_size: int = 64, vae_name: str = "", stored: str = "mean_std",
                   scale_factor: Optional[float] = None, seed: int = 0, command: Optional[str] = None,
@@ -162,14 +203,7 @@ def encode_shards(encode_fn: EncodeFn, in_spec: str | os.PathLike, out_dir: str 
         raise ValueError(f"stored must be one of {sorted(LAYOUTS)}, got {stored!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    in_manifest, paths = mf.load_spec(in_spec)
-    if in_manifest["kind"] != "image":
-        raise mf.ManifestError(f"{in_spec}: encode_latents needs image shards, got kind={in_manifest['kind']!r}")
-    missing = mf.missing_files(paths)  # one listing, every rank alike: fail before any rank writes a shard
-    if missing:
-        names = [os.path.basename(paths[i]) for i in missing]
-        raise mf.ShardError(f"{in_spec}: {len(missing)} of the {len(paths)} image shards listed in its manifest are "
-                            f"missing on disk: {mf.name_list(names)}", names)
+    in_manifest, paths = _image_shards(in_spec)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mf.clear_stale(out_dir, rank, world_size)
@@ -194,35 +228,9 @@ def encode_shards(encode_fn: EncodeFn, in_spec: str | os.PathLike, out_dir: str 
             "s1": stats.s1.tolist() if stats.s1 is not None else None,
             "s2": stats.s2.tolist() if stats.s2 is not None else None, "n": stats.n,
             "command": command if command is not None else mf.command_line()}
-
-    def merge(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-        shards = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["name"])
-        with_data = [p for p in parts if p["n"]]
-        if not shards or not with_data:
-            raise ValueError(f"{in_spec}: no readable image to encode")
-        shape_set = {tuple(p["shape"]) for p in with_data}
-        if len(shape_set) != 1:
-            raise ValueError(f"ranks produced latents of different shapes {sorted(shape_set)}")
-        n = sum(p["n"] for p in with_data)
-        s1 = np.sum([p["s1"] for p in with_data], axis=0)
-        s2 = np.sum([p["s2"] for p in with_data], axis=0)
-        mean = s1 / n
-        std = np.sqrt(np.maximum(s2 / n - mean * mean, 1e-12))
-        if scale_factor is None:
-            shift, scale = mean.tolist(), (1.0 / std).tolist()
-        else:
-            shift, scale = [0.0] * len(mean), [float(scale_factor)] * len(mean)
-        return {"kind": "latent", "shards": shards, "total": sum(s["num_samples"] for s in shards),
-                "image_size": in_manifest["image_size"], "channels": in_manifest["channels"],
-                "class_names": in_manifest["class_names"], "source": in_manifest.get("source"),
-                "split": in_manifest.get("split"), "image_shards": signature["in"],
-                "command": parts[0]["command"],
-                "skipped": list(in_manifest.get("skipped", [])) + [s for p in parts for s in p["skipped"]],
-                "latent": {"shape": list(shape_set.pop()), "vae": vae_name, "shift": shift, "scale": scale,
-                           "mean": mean.tolist(), "std": std.tolist(), "stored": stored, "dtype": "float16",
-                           "layout": LAYOUTS[stored], "scale_factor": scale_factor}}
-
-    return mf.finish_manifest(out_dir, rank, world_size, signature, body, merge, timeout=merge_timeout)
+    return mf.finish_manifest(out_dir, rank, world_size, signature, body,
+                              lambda parts: _merge_manifest(parts, in_spec, in_manifest, signature["in"], vae_name,
+                                                            stored, scale_factor), timeout=merge_timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:

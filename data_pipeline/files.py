@@ -28,16 +28,25 @@ def _umask_mode() -> int:
     return 0o666 & ~umask
 
 
+def commit(tmp: PathLike, path: PathLike) -> Path:
+    """Give the finished temporary file `tmp` the usual mode and rename it over `path` (for streaming writers
+    that wrote `temp_name(path)` themselves)."""
+    os.chmod(tmp, _umask_mode())
+    os.replace(tmp, path)
+    return Path(path)
+
+
 def atomic_save(path: PathLike, write: Callable[[Path], Any]) -> Path:
     """Call `write(tmp)` to write the content to a temporary path, then rename it to `path`; returns `path`.
 
-    The temporary file is removed when `write` fails (the old `path`, if any, is untouched)."""
+    The parent directory is created if needed. The temporary file is removed when `write` fails (the old `path`,
+    if any, is untouched)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     try:
         write(tmp)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -71,6 +80,24 @@ def atomic_save_safetensors(tensors: dict, path: PathLike, metadata: Optional[di
 
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
     return atomic_save(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+def atomic_save_npz(path: PathLike, **arrays: Any) -> Path:
+    """`np.savez` of `arrays` to `path` atomically."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to the temporary name
+            np.savez(fh, **arrays)
+    return atomic_save(path, write)
+
+
+def atomic_save_image(image: Any, path: PathLike, fmt: Optional[str] = None, **save_kwargs: Any) -> Path:
+    """Save a PIL image (or a matplotlib figure) atomically; `fmt` defaults to the path's suffix (PNG, GIF...)."""
+    fmt = fmt or Path(path).suffix.lstrip(".").upper() or "PNG"
+    if hasattr(image, "savefig"):
+        return atomic_save(path, lambda tmp: image.savefig(tmp, format=fmt.lower(), **save_kwargs))
+    return atomic_save(path, lambda tmp: image.save(tmp, format=fmt, **save_kwargs))
 
 
 def fsync_dir(path: PathLike) -> None:

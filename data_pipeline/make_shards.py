@@ -93,6 +93,28 @@ def plan_blocks(n_items: int, world_size: int, shard_size: int) -> List[Tuple[in
     return out
 
 
+def _keyed_items(items: list, seed: int, max_samples: Optional[int], what: str, split: str) -> list:
+    """(key, item) pairs in the seeded order that mixes classes across shards (at most `max_samples`)."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    if max_samples is not None:
+        order = order[:max_samples]
+    if len(order) == 0:
+        raise SourceError(f"{what}: no items in split {split!r}")
+    return [(f"{i:09d}", items[j]) for i, j in enumerate(order)]
+
+
+def _run_tasks(tasks: list, workers: int) -> list[Dict[str, Any]]:
+    """Write the shards of `tasks` (in `workers` processes when there are several)."""
+    if workers > 1 and len(tasks) > 1:
+        with mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(min(workers, len(tasks))) as pool:
+            results = list(pool.imap(_write_shard, tasks))
+    else:
+        results = [_write_shard(t) for t in tasks]
+    for res in results:
+        log.info("%s: %d samples", res["name"], res["num_samples"])
+    return results
+
+
 def make_shards(source: str, out: str | os.PathLike, *, image_size: Optional[int] = None, fmt: str = "png",
                 quality: int = 95, shard_size: int = 1000, workers: int = 1, rank: int = 0, world_size: int = 1,
                 root: Optional[str] = None, label_attr: Optional[str] = None, attr_file: Optional[str] = None,
@@ -117,25 +139,11 @@ def make_shards(source: str, out: str | os.PathLike, *, image_size: Optional[int
     mf.clear_stale(out, rank, world_size)
 
     items, class_names, list_skipped = list_items(source, root, label_attr, attr_file)
-    items = select_split(items, split, val_fraction)
-    order = np.random.default_rng(seed).permutation(len(items))  # mix classes across shards
-    if max_samples is not None:
-        order = order[:max_samples]
-    if len(order) == 0:
-        raise SourceError(f"{source} {root or ''}: no items in split {split!r}")
-    keyed = [(f"{i:09d}", items[j]) for i, j in enumerate(order)]
+    keyed = _keyed_items(select_split(items, split, val_fraction), seed, max_samples, f"{source} {root or ''}", split)
     lo, hi, shard0 = plan_blocks(len(keyed), world_size, shard_size)[rank]
-    tasks = []
-    for k, start in enumerate(range(lo, hi, shard_size)):
-        chunk = keyed[start:min(start + shard_size, hi)]
-        tasks.append((str(out / mf.shard_name(name, shard0 + k)), chunk, image_size, channels, fmt, quality))
-    if workers > 1 and len(tasks) > 1:
-        with mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(min(workers, len(tasks))) as pool:
-            results = list(pool.imap(_write_shard, tasks))
-    else:
-        results = [_write_shard(t) for t in tasks]
-    for res in results:
-        log.info("%s: %d samples", res["name"], res["num_samples"])
+    tasks = [(str(out / mf.shard_name(name, shard0 + k)), keyed[start:min(start + shard_size, hi)], image_size,
+              channels, fmt, quality) for k, start in enumerate(range(lo, hi, shard_size))]
+    results = _run_tasks(tasks, workers)
 
     signature = {"source": source, "root": str(Path(root).resolve()) if root else None, "split": split,
                  "val_fraction": val_fraction, "image_size": image_size, "channels": channels, "format": fmt,

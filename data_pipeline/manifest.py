@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from data_pipeline.files import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
@@ -87,17 +89,6 @@ def command_line() -> str:
     argv0 = sys.argv[0] if sys.argv else ""
     exe = "python" if argv0.endswith(".py") else ""
     return " ".join([exe] * bool(exe) + [shlex.quote(a) for a in sys.argv])
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _expand_braces(pattern: str) -> List[str]:
@@ -181,7 +172,7 @@ def write_partial(out_dir: str | os.PathLike, rank: int, world_size: int, signat
                   body: Dict[str, Any]) -> Path:
     """Atomically write this rank's partial manifest (``body`` plus the run ``signature``)."""
     path = partial_path(out_dir, rank, world_size)
-    write_json_atomic(path, {"signature": signature, "rank": rank, "world_size": world_size, **body})
+    atomic_write_json(path, {"signature": signature, "rank": rank, "world_size": world_size, **body}, fsync=True)
     return path
 
 
@@ -228,7 +219,7 @@ def finish_manifest(out_dir: str | os.PathLike, rank: int, world_size: int, sign
         return None
     parts = gather_partials(out_dir, world_size, signature, timeout=timeout)
     manifest = merge(parts)
-    write_json_atomic(Path(out_dir) / MANIFEST_NAME, manifest)
+    atomic_write_json(Path(out_dir) / MANIFEST_NAME, manifest, fsync=True)
     for r in range(world_size):
         partial_path(out_dir, r, world_size).unlink(missing_ok=True)
     return manifest

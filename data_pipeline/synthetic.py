@@ -14,8 +14,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .files import atomic_write_json
 from .imaging import MODES, encode_image
-from .manifest import MANIFEST_NAME, shard_name, write_json_atomic
+from .manifest import MANIFEST_NAME, shard_name
 from .tario import ShardWriter
 
 
@@ -67,7 +68,7 @@ def write_image_shards(out: str | os.PathLike, counts: Sequence[int], *, image_s
                 i += 1
         shards.append({"name": name, "num_samples": n, "bytes": w.num_bytes})
     m = _manifest("image", shards, image_size, channels, [str(c) for c in range(num_classes)], image_format=fmt)
-    write_json_atomic(out / MANIFEST_NAME, m)
+    atomic_write_json(out / MANIFEST_NAME, m)
     return m
 
 
@@ -99,5 +100,5 @@ def write_latent_shards(out: str | os.PathLike, counts: Sequence[int], *, shape:
               "scale": list(scale) if scale is not None else [1.0] * c,
               "mean": [0.0] * c, "std": [1.0] * c}
     m = _manifest("latent", shards, 8 * shape[1], 3, [str(x) for x in range(num_classes)], latent=latent)
-    write_json_atomic(out / MANIFEST_NAME, m)
+    atomic_write_json(out / MANIFEST_NAME, m)
     return m

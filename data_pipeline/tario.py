@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from data_pipeline.files import commit, temp_name
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +36,7 @@ class ShardWriter:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_name(self.path)
         self._file = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self.num_samples = 0
@@ -57,8 +59,7 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self.num_bytes = os.fstat(self._file.fileno()).st_size
         self._file.close()
-        os.replace(self.tmp, self.path)
-        return self.path
+        return commit(self.tmp, self.path)
 
     def abort(self) -> None:
         """Drop the partial file."""

@@ -35,13 +35,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from data_pipeline.checks import OneLineParser, Range, guide_channels_arg, number_arg, output_dir_problem
 from data_pipeline.devices import DeviceLayoutError, configure_tf32, select_device
-from data_pipeline.dist_env import cleanup, init_distributed, resolve_env
-from data_pipeline.files import atomic_write_json, atomic_write_text
+from data_pipeline.dist_env import cleanup, init_distributed, rank_world_from_env
+from data_pipeline.files import atomic_save_npz, atomic_write_json, atomic_write_text
 from eval import inception
 from eval.config import ConfigError, EvalConfig, add_config_args, config_for_checkpoint, field_range, fill_from_config
 from eval.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed
-from eval.metrics import (atomic_save_npz, fid_statistics, frechet_distance, inception_score, kid, load_reference,
-                          precision_recall)
+from eval.metrics import fid_statistics, frechet_distance, inception_score, kid, load_reference, precision_recall
 from eval.mnist_classifier import get_classifier
 from eval.npzio import NpyMember, save_npz_streamed
 from eval.visuals import save_image_grid
@@ -587,8 +586,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: config: {err}", file=sys.stderr)
         return 2
-    place = resolve_env()
-    rank, world = int(place["RANK"]), int(place["WORLD_SIZE"])
+    rank, world = rank_world_from_env()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s r{rank} %(levelname)s %(name)s: %(message)s")
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip() and m.strip() != "none")

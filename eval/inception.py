@@ -15,6 +15,8 @@ from typing import Dict, Iterable, Sequence, Union
 
 import torch
 
+from data_pipeline.files import atomic_save
+
 log = logging.getLogger(__name__)
 
 EXTRACTOR_NAME = "inception-v3-compat"
@@ -134,7 +136,4 @@ def write_random_weights(path: Union[str, os.PathLike], seed: int = 0) -> Path:
         elif k.endswith("running_var"):
             v = torch.rand(v.shape, generator=gen) + 0.5
         state[k] = v
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_save(path, lambda tmp: torch.save(state, tmp))

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import numpy as np
 import torch
 
+from data_pipeline.files import atomic_save_npz
 from eval.npzio import NpyMember
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 REFERENCE_CHUNK_BYTES = 256 << 20  # reference images featurized per call: about this many bytes
 
 __all__ = ["Reference", "fid_statistics", "frechet_distance", "inception_score", "kid", "precision_recall",
-           "load_reference", "save_reference", "atomic_save_npz"]
+           "load_reference", "save_reference"]
 
 
 @dataclass
@@ -95,21 +96,6 @@ def precision_recall(features_gen: Union[torch.Tensor, np.ndarray], features_ref
                                  save_cpu_ram=True, verbose=False)
     return {"precision": out["precision"], "recall": out["recall"], "pr_f_score": out["f_score"],
             "pr_neighborhood": neighborhood}
-
-
-def atomic_save_npz(path: Union[str, os.PathLike], **arrays: Any) -> Path:
-    """``np.savez`` to ``path`` through a temporary file and an atomic rename (readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def save_reference(path: Union[str, os.PathLike], pool: Union[torch.Tensor, np.ndarray], info: Dict[str, Any],

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data_pipeline.files import atomic_save_safetensors
 from eval.metrics import fid_statistics, frechet_distance
 from eval.reference import iter_shard_images
 
@@ -175,7 +176,7 @@ def _data_key(images: torch.Tensor, labels: torch.Tensor) -> str:
 def get_classifier(shards: Optional[Union[str, os.PathLike]] = None, cache_dir: Optional[Union[str, os.PathLike]] = None,
                    device: Union[str, torch.device] = "cpu") -> DigitClassifier:
     """The digit classifier for these digits: loaded from the cache, or trained (≈1 min on CPU) and cached."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
 
     images, labels, source = load_digits(shards)
@@ -203,10 +204,5 @@ def get_classifier(shards: Optional[Union[str, os.PathLike]] = None, cache_dir: 
     state["stats.mu"] = torch.from_numpy(stats["mu"])
     state["stats.sigma"] = torch.from_numpy(stats["sigma"])
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    save_file(state, str(tmp), metadata={"info": json.dumps(info)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files
-    os.replace(tmp, path)
+    atomic_save_safetensors(state, path, metadata={"info": json.dumps(info)})
     return DigitClassifier(net, stats, info)

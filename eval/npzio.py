@@ -15,6 +15,8 @@ from typing import BinaryIO, Iterable, Iterator, Optional, Sequence, Tuple, Unio
 
 import numpy as np
 
+from data_pipeline.files import atomic_save
+
 __all__ = ["NpyMember", "iter_member_rows", "save_npz_streamed"]
 
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zip local file header: 30 bytes, name and extra lengths last
@@ -132,35 +134,34 @@ def save_npz_streamed(path: Union[str, os.PathLike],
     headers and bytes), without ever holding a whole member; it is written to a temporary name and renamed, so a
     failure (e.g. chunks that do not add up to ``shape``) leaves no file and an existing one untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f, zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED,
                                                    allowZip64=True) as zf:
             for key, shape, dtype, chunks in members:
-                shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
-                if dtype.hasobject or len(shape) == 0:
-                    raise ValueError(f"{key}: only non-object arrays with at least one axis can be streamed")
-                with zf.open(key + ".npy", "w", force_zip64=True) as out:  # as np.savez (numpy gh-10776)
-                    try:
-                        np.lib.format.write_array_header_1_0(out, _npy_header(shape, dtype))
-                    except ValueError:  # header too long for format 1.0: np.savez moves to 2.0 as well
-                        np.lib.format.write_array_header_2_0(out, _npy_header(shape, dtype))
-                    rows = 0
-                    for c in chunks:
-                        c = np.asarray(c)
-                        if c.dtype != dtype or c.shape[1:] != shape[1:]:
-                            raise ValueError(f"{key}: chunk {c.dtype} {c.shape} does not fit {dtype} {shape}")
-                        rows += c.shape[0]
-                        if rows > shape[0]:
-                            raise ValueError(f"{key}: chunks hold more than the {shape[0]} rows declared")
-                        if c.size:
-                            out.write(np.ascontiguousarray(c).reshape(-1).view(np.uint8))
-                    if rows != shape[0]:
-                        raise ValueError(f"{key}: chunks hold {rows} rows, {shape[0]} declared")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+                _write_member(zf, key, tuple(int(s) for s in shape), np.dtype(dtype), chunks)
+
+    return atomic_save(path, write)
+
+
+def _write_member(zf: zipfile.ZipFile, key: str, shape: Tuple[int, ...], dtype: np.dtype,
+                  chunks: Iterable[np.ndarray]) -> None:
+    """One ``.npy`` member of `zf` from its chunks along the first axis (as np.savez writes it)."""
+    if dtype.hasobject or len(shape) == 0:
+        raise ValueError(f"{key}: only non-object arrays with at least one axis can be streamed")
+    with zf.open(key + ".npy", "w", force_zip64=True) as out:  # as np.savez (numpy gh-10776)
+        try:
+            np.lib.format.write_array_header_1_0(out, _npy_header(shape, dtype))
+        except ValueError:  # header too long for format 1.0: np.savez moves to 2.0 as well
+            np.lib.format.write_array_header_2_0(out, _npy_header(shape, dtype))
+        rows = 0
+        for c in chunks:
+            c = np.asarray(c)
+            if c.dtype != dtype or c.shape[1:] != shape[1:]:
+                raise ValueError(f"{key}: chunk {c.dtype} {c.shape} does not fit {dtype} {shape}")
+            rows += c.shape[0]
+            if rows > shape[0]:
+                raise ValueError(f"{key}: chunks hold more than the {shape[0]} rows declared")
+            if c.size:
+                out.write(np.ascontiguousarray(c).reshape(-1).view(np.uint8))
+        if rows != shape[0]:
+            raise ValueError(f"{key}: chunks hold {rows} rows, {shape[0]} declared")

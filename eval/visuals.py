@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from data_pipeline.files import read_jsonl
+from data_pipeline.files import atomic_save_image, read_jsonl
 
 
 def image_grid(images: np.ndarray, nrow: int, transpose: bool = False, pad: int = 2) -> np.ndarray:
@@ -37,12 +36,7 @@ def save_image_grid(images: np.ndarray, path: Path, nrow: int, transpose: bool =
     from PIL import Image
 
     grid = image_grid(images, nrow, transpose)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".tmp-" + path.name)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_save_image(Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid), path, "PNG")
 
 
 def samples_gif(frames: Sequence[Path], out: Path, seconds_per_frame: float = 0.5) -> Path | None:
@@ -55,12 +49,8 @@ def samples_gif(frames: Sequence[Path], out: Path, seconds_per_frame: float = 0.
     images = [Image.open(f).convert("RGB") for f in frames]
     size = images[-1].size
     images = [im.resize(size) if im.size != size else im for im in images]
-    out = Path(out)
-    tmp = out.with_name(".tmp-" + out.name)
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                   duration=int(seconds_per_frame * 1000), loop=0)
-    os.replace(tmp, out)
-    return out
+    return atomic_save_image(images[0], out, "GIF", save_all=True, append_images=images[1:],
+                             duration=int(seconds_per_frame * 1000), loop=0)
 
 
 def plot_loss_curve(log_path: Path, out: Path, key: str = "loss") -> Path | None:
@@ -81,9 +71,6 @@ def plot_loss_curve(log_path: Path, out: Path, key: str = "loss") -> Path | None
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(".tmp-" + out.name)
-    fig.savefig(tmp, format="png", dpi=100)
+    atomic_save_image(fig, out, "PNG", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return Path(out)

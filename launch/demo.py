@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # `python launch/demo.py` from a checkout without
     sys.path.insert(0, str(ROOT))
 
 from data_pipeline.checks import OneLineParser
+from data_pipeline.files import atomic_write_json
 from eval.config import ConfigError, load_config
 
 TARGET_ACCURACY = 0.95
@@ -82,7 +83,6 @@ def _python(script: str, *args: str) -> list[str]:
 
 def build_stages(out: Path, quick: bool, pixels: bool, config: Path) -> list[Stage]:
     """The demo's stages for output directory ``out`` (latent pipeline, or pixel space with ``pixels``)."""
-
     cfg = load_config(config)
     s, e = cfg.sample, cfg.eval
     shards, val, vae_dir, latents = out / "shards" / "train", out / "shards" / "val", out / "vae", out / "latents"
@@ -126,19 +126,15 @@ def build_stages(out: Path, quick: bool, pixels: bool, config: Path) -> list[Sta
     grid = samples / "grid.png"
     stages.append(Stage(
         f"sample{tag}", f"samples: 10 digits x {SAMPLES_PER_CLASS}, {s.sampler} {s.steps} steps, cfg {s.cfg_scale:g}",
-        _python("launch/sample.py", "--ckpt", str(weights), "--labels", *labels, "--cfg-scale", f"{s.cfg_scale:g}",
-                "--sampler", s.sampler, "--steps", str(s.steps), "--eta", f"{s.eta:g}", "--seed", str(s.seed),
-                "--guide-channels", s.guide_channels, "--nrow", "10", "--out", str(grid)),
+        _python("launch/sample.py", "--ckpt", str(weights), "--config", str(config), "--labels", *labels,
+                "--nrow", "10", "--out", str(grid)),  # the settings: the config's `sample` section
         lambda: grid.is_file() and _complete_json(grid.with_suffix(".json")),
         {"sample grid": grid, "single samples (ImageFolder)": samples}))
     stages.append(Stage(
         f"eval{tag}", f"digit-classifier metric on {e.num_samples} samples ({e.sampler} {e.steps} steps, "
                 f"cfg {e.cfg_scale:g})",
-        _python("eval/fid.py", "--ckpt", str(weights), "--num-samples", str(e.num_samples), "--sampler", e.sampler,
-                "--steps", str(e.steps), "--eta", f"{e.eta:g}", "--cfg-scale", f"{e.cfg_scale:g}",
-                "--guide-channels", e.guide_channels, "--seed", str(e.seed), "--batch-size", str(e.batch_size),
-                "--metrics", "none", "--classifier", "mnist", "--classifier-data", str(shards),
-                "--grid", "100", "--out", str(evald)),
+        _python("eval/fid.py", "--ckpt", str(weights), "--config", str(config), "--metrics", "none",
+                "--classifier", "mnist", "--classifier-data", str(shards), "--grid", "100", "--out", str(evald)),
         lambda: _complete_json(evald / "metrics.json"), {"metrics": evald / "metrics.json"}))
     return stages
 
@@ -158,11 +154,7 @@ def _check_stamp(out: Path, stage: Stage) -> None:
 
 
 def _write_stamp(out: Path, stage: Stage) -> None:
-    p = _stamp_path(out, stage)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".tmp-{os.getpid()}-{p.name}")
-    tmp.write_text(json.dumps({"argv": stage.argv[1:], "seconds": stage.seconds}, indent=1))
-    os.replace(tmp, p)
+    atomic_write_json(_stamp_path(out, stage), {"argv": stage.argv[1:], "seconds": stage.seconds})
 
 
 def stage_env() -> dict[str, str]:
@@ -227,9 +219,7 @@ def summarize(stages: Sequence[Stage], out: Path, quick: bool, wall: float) -> d
         "classifier_heldout_accuracy": metrics.get("digits_classifier_heldout_accuracy"),
         "target_accuracy": TARGET_ACCURACY,
     }
-    tmp = out / f".tmp-{os.getpid()}-summary.json"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out / "summary.json")
+    atomic_write_json(out / "summary.json", record)
     return record
 
 

@@ -21,10 +21,8 @@ Exit status: 0 done, 2 bad config / input.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch
 
 from data_pipeline.checks import OneLineParser
 from data_pipeline.devices import autocast
+from data_pipeline.files import atomic_save_image, atomic_write_json
 from data_pipeline.loader import build_stream
 from data_pipeline.manifest import ManifestError
 from dit.diffusion import create_diffusion
@@ -205,11 +204,8 @@ def plot_curve(result: dict[str, Any], out: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    fig.savefig(tmp, format="png", dpi=100)
+    atomic_save_image(fig, out, "PNG", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 
@@ -263,9 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result["config"] = args.config
     result["overrides"] = list(args.overrides)
     png = plot_curve(result, out / "lr_find.png")
-    tmp = out / f".tmp-{os.getpid()}-lr_find.json"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "lr_find.json")
+    atomic_write_json(out / "lr_find.json", result)
     sug = result["suggested_max_lr"]
     steep = result["steepest_lr"]
     print(f"{result['steps_run']} steps ({result['stop_reason']}); suggested max lr {sug:.3g} (min-loss lr / 10)"

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from data_pipeline.checks import OneLineParser, Range, device_arg, number_arg, output_dir_problem
 from data_pipeline.devices import configure_tf32
+from data_pipeline.files import atomic_save_image, atomic_write_json
 from data_pipeline.loader import build_stream
 from data_pipeline.vae_io import LPIPSWeightsMissing, VAELoadError, build_perceptual, load_vae
 from eval.config import TrainConfig, add_config_args, config_from_args, field_range, load_config
@@ -134,12 +135,7 @@ def save_comparison_grid(x: torch.Tensor, rec: torch.Tensor, path: str | os.Path
     arr = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     if arr.shape[2] == 1:
         arr = arr[:, :, 0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_save_image(Image.fromarray(arr), path, "PNG")
 
 
 def iter_shard_images(shards: str, batch_size: int, seed: int = 0, max_images: Optional[int] = None):
@@ -221,9 +217,7 @@ def main(argv: Optional[list] = None) -> int:
                "lpips_net": None if perceptual is None else cfg.vae.perceptual.net,
                "lpips_pretrained": None if perceptual is None else cfg.vae.perceptual.pretrained,
                "grid": str(grid)}
-    tmp = out / ".reconstruct.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out / "reconstruct.json")
+    atomic_write_json(out / "reconstruct.json", summary)
     print(json.dumps({k: summary[k] for k in ("num_images", "psnr", "ssim", "lpips")}))
     return 0
 

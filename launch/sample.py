@@ -23,9 +23,7 @@ Exit status: 0 done, 2 bad input (unknown label, unreadable checkpoint, bad flag
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -38,10 +36,12 @@ import torch
 
 from data_pipeline.checks import OneLineParser, Range, device_arg, guide_channels_arg, number_arg, output_dir_problem
 from data_pipeline.devices import configure_tf32
+from data_pipeline.files import atomic_save_image, atomic_write_json
 from eval.config import (ConfigError, EvalConfig, SampleConfig, add_config_args, config_for_checkpoint, field_range,
                          fill_from_config)
 from eval.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed
 from eval.visuals import save_image_grid
+from launch.progress import StepProgress
 
 EXIT_BAD_INPUT = 2
 # All images and the grid are held in memory (10,000 at 256 px: 2 GB each); larger sets go through eval/fid.py.
@@ -112,9 +112,7 @@ def class_dir_names(num_classes: int, class_names: Sequence[str]) -> list[str]:
 def _save_png(img: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_save_image(Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img), path, "PNG")
 
 
 def write_image_folder(images: np.ndarray, labels: Optional[Sequence[int]], root: Path,
@@ -128,12 +126,6 @@ def write_image_folder(images: np.ndarray, labels: Optional[Sequence[int]], root
         _save_png(img, p)
         paths.append(str(p))
     return paths
-
-
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
 
 
 SAMPLE_FLAGS = ["sampler", "steps", "eta", "cfg_scale", "guide_channels", "guidance_interval", "seed", "dtype"]
@@ -213,81 +205,92 @@ def _checkpoint_problem(args: argparse.Namespace, meta: dict) -> Optional[str]:
     return None
 
 
+def _with_config(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with every sampling flag left out filled from the config (`config_for_checkpoint`)."""
+    try:
+        stored = read_checkpoint_meta(args.ckpt)[1].get("config")
+    except InferenceError:
+        stored = None  # an unreadable checkpoint is reported with its own message once the flags are checked
+    fill_from_config(args, config_for_checkpoint(args.config, args.overrides, stored).sample, SAMPLE_FLAGS)
+    return args
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, dict, Optional[list[int]], bool, torch.device]:
+    """(generator, metadata, labels, TF32 on, device) once the settings are checked against the checkpoint's
+    metadata (read first: no weight is loaded for a bad setting). Raises SampleError / InferenceError."""
+    _, meta = read_checkpoint_meta(args.ckpt)
+    problem = _checkpoint_problem(args, meta)
+    if problem:
+        raise SampleError(problem)
+    class_names = list((meta.get("data") or {}).get("class_names") or [])
+    labels = resolve_labels(args.labels, args.num, int(meta["model"].get("num_classes", 0)), class_names)
+    if labels is not None and len(labels) > MAX_NUM:
+        raise SampleError(f"--labels: {len(labels)} labels; at most {MAX_NUM} samples per call ({NUM_RANGE.why})")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tf32 = configure_tf32(device, not args.no_tf32)
+    gen, meta = load_checkpoint(args.ckpt, device, vae=args.vae)
+    return gen, meta, labels, tf32, device
+
+
+def _draw(gen: Any, args: argparse.Namespace, labels: Optional[list[int]], seeds: list[int], images_root: Path,
+          dir_names: list[str], cfg_scale: float) -> tuple[np.ndarray, list[str]]:
+    """Sample in batches, writing each image into the ImageFolder tree; (all images, their paths)."""
+    chunks, paths = [], []
+    progress = StepProgress(total=len(seeds), desc="sample", enabled=not args.no_progress)
+    try:
+        for i in range(0, len(seeds), args.batch_size):
+            lab = labels[i:i + args.batch_size] if labels is not None else None
+            imgs = gen.generate(lab, seeds[i:i + args.batch_size], batch_size=args.batch_size,
+                                sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=cfg_scale,
+                                guide_channels=args.guide_channels, guidance_interval=args.guidance_interval,
+                                dtype=DTYPES[args.dtype])
+            paths += write_image_folder(imgs, lab, images_root, dir_names, start=i)
+            chunks.append(imgs)
+            progress.update(len(imgs))
+    finally:
+        progress.close()
+    return np.concatenate(chunks), paths
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Sample and write the grid, the single images and the settings record; returns the exit status."""
     args = parse_args(argv)
     try:
-        try:
-            stored = read_checkpoint_meta(args.ckpt)[1].get("config")
-        except InferenceError:
-            stored = None  # reported with its own message below
-        cfg = config_for_checkpoint(args.config, args.overrides, stored)
+        args = _with_config(args)
     except ConfigError as err:
         return _fail(f"config: {err}")
-    fill_from_config(args, cfg.sample, SAMPLE_FLAGS)
-
-    gc = args.guide_channels
     out = Path(args.out)
     images_root = Path(args.images_dir) if args.images_dir else out.parent
     problem = _flag_problem(args, out, images_root)
     if problem:
         return _fail(problem)
     try:
-        _, meta = read_checkpoint_meta(args.ckpt)  # cheap: settings are checked before any weight is read
-        problem = _checkpoint_problem(args, meta)
-        if problem:
-            return _fail(problem)
-        num_classes = int(meta["model"].get("num_classes", 0))
-        class_names = list((meta.get("data") or {}).get("class_names") or [])
-        labels = resolve_labels(args.labels, args.num, num_classes, class_names)
-        if labels is not None and len(labels) > MAX_NUM:
-            return _fail(f"--labels: {len(labels)} labels; at most {MAX_NUM} samples per call ({NUM_RANGE.why})")
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        tf32 = configure_tf32(device, not args.no_tf32)
-        gen, meta = load_checkpoint(args.ckpt, device, vae=args.vae)
+        gen, meta, labels, tf32, device = _load(args)
     except (SampleError, InferenceError) as err:
         return _fail(str(err))
     except (OSError, RuntimeError) as err:  # e.g. an unreadable VAE override
         return _fail(f"{args.ckpt}: {type(err).__name__}: {err}")
+    num_classes = gen.num_classes
     n = len(labels) if labels is not None else int(args.num)
     cfg_scale = args.cfg_scale if num_classes > 0 else 1.0
     seeds = [sample_seed(args.seed, i) for i in range(n)]
-    dir_names = class_dir_names(num_classes, class_names)
-    bar = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc="sample", unit="img", dynamic_ncols=True)
-    chunks, paths = [], []
+    dir_names = class_dir_names(num_classes, list(meta["data"].get("class_names") or []))
     try:
-        for i in range(0, n, args.batch_size):
-            lab = labels[i:i + args.batch_size] if labels is not None else None
-            imgs = gen.generate(lab, seeds[i:i + args.batch_size], batch_size=args.batch_size,
-                                sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=cfg_scale,
-                                guide_channels=gc, guidance_interval=args.guidance_interval,
-                                dtype=DTYPES[args.dtype])
-            paths += write_image_folder(imgs, lab, images_root, dir_names, start=i)
-            chunks.append(imgs)
-            if bar is not None:
-                bar.update(len(imgs))
-        images = np.concatenate(chunks)
-        nrow = args.nrow or max(1, math.ceil(math.sqrt(n)))
-        save_image_grid(images, out, nrow=nrow)
+        images, paths = _draw(gen, args, labels, seeds, images_root, dir_names, cfg_scale)
+        save_image_grid(images, out, nrow=args.nrow or max(1, math.ceil(math.sqrt(n))))
     except InferenceError as err:
         return _fail(str(err))
     except OSError as err:  # a full disk, a directory made read-only meanwhile: what was written stays whole
         return _fail(f"writing samples: {err.strerror or err} ({err.filename or out})")
-    finally:
-        if bar is not None:
-            bar.close()
     record = {"grid": str(out), "images_dir": str(images_root), "images": paths,
-              "labels": labels, "class_names": [dir_names[l] for l in labels] if labels is not None else None,
+              "labels": labels, "class_names": [dir_names[lab] for lab in labels] if labels is not None else None,
               "seeds": seeds, "checkpoint": meta["weights_file"], "step": meta.get("step"),
               "settings": {"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "cfg_scale": cfg_scale,
-                           "guide_channels": gc, "guidance_interval": args.guidance_interval, "seed": args.seed,
-                           "dtype": args.dtype, "vae": args.vae, "tf32": tf32, "device": str(device)},
+                           "guide_channels": args.guide_channels, "guidance_interval": args.guidance_interval,
+                           "seed": args.seed, "dtype": args.dtype, "vae": args.vae, "tf32": tf32,
+                           "device": str(device)},
               "seed_rule": "sample i: seed eval.inference.sample_seed(seed, i)"}
-    _write_json(out.with_suffix(".json"), record)
+    atomic_write_json(out.with_suffix(".json"), record)
     print(f"wrote {n} samples: grid {out}, images under {images_root}/<class>/")
     return 0
 

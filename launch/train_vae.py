@@ -199,16 +199,46 @@ class VAETrainer(TrainerBase):
                 self.ema.load_state_dict(state["ema"])
 
     # ------------------------------------------------------------------------------------------- training
+    def _set_lr(self, step: int) -> None:
+        scale = self._lr_scale(step)
+        for group in self.opt_g.param_groups:
+            group["lr"] = self.cfg.train.lr * scale
+        for group in self.opt_d.param_groups:
+            group["lr"] = (self.cfg.vae.disc_lr or self.cfg.train.lr) * scale
+
+    def _micro_step(self, x: torch.Tensor, step: int, active: bool) -> tuple[bool, Dict[str, Any]]:
+        """Generator (and, once active, discriminator) losses and backward on one micro batch; (finite on every
+        rank, the loss terms)."""
+        dev, low = self.info.device, torch.bfloat16 if self.cfg.train.precision == "bf16" else None
+        # generator pass: the discriminator is frozen so this loss gives its weights no gradient
+        self.disc.requires_grad_(False)
+        with autocast(dev, low):
+            mean, logvar = self.model.encode_moments(x)
+            eps = torch.randn(mean.shape, generator=self.gen, device=dev, dtype=torch.float32)
+            recon = self.model.decode(mean + torch.exp(0.5 * logvar) * eps.to(mean.dtype))
+            logits_fake = self.disc(recon) if active else None
+            g_loss, logs = self.loss_fn.generator_loss(x, recon.float(), mean, logvar, step, logits_fake=logits_fake,
+                                                       last_layer=self.model.last_layer_weight())
+        ok = all_ranks_true(bool(torch.isfinite(g_loss)), dev)
+        if ok:
+            (g_loss / self.accum).backward()
+        if active:
+            self.disc.requires_grad_(True)
+            with autocast(dev, low):
+                d_loss, d_logs = self.loss_fn.discriminator_objective(self.disc(x), self.disc(recon.detach()))
+            logs.update(d_logs)
+            finite = all_ranks_true(bool(torch.isfinite(d_loss)), dev)
+            if finite:
+                (d_loss / self.accum).backward()
+            ok = ok and finite
+        return ok, logs
+
     def train_step(self) -> Dict[str, float]:
         """One optimizer step of both models over `accum` micro batches; skips (and counts) non-finite steps."""
         cfg, dev = self.cfg, self.info.device
         step = self.step  # 0-based index of this step: the adversarial terms are on when step >= disc_start
         active = self.loss_fn.disc_active(step)
-        scale = self._lr_scale(step)
-        for group in self.opt_g.param_groups:
-            group["lr"] = cfg.train.lr * scale
-        for group in self.opt_d.param_groups:
-            group["lr"] = (cfg.vae.disc_lr or cfg.train.lr) * scale
+        self._set_lr(step)
         self.opt_g.zero_grad(set_to_none=True)
         self.opt_d.zero_grad(set_to_none=True)
         sums: Dict[str, float] = {}
@@ -219,29 +249,8 @@ class VAETrainer(TrainerBase):
             x = x.to(dev, non_blocking=True)
             if self._last_batch is None:
                 self._last_batch = x
-            # generator pass: the discriminator is frozen so this loss gives its weights no gradient
-            self.disc.requires_grad_(False)
-            with autocast(dev, torch.bfloat16 if cfg.train.precision == "bf16" else None):
-                mean, logvar = self.model.encode_moments(x)
-                eps = torch.randn(mean.shape, generator=self.gen, device=dev, dtype=torch.float32)
-                recon = self.model.decode(mean + torch.exp(0.5 * logvar) * eps.to(mean.dtype))
-                logits_fake = self.disc(recon) if active else None
-                g_loss, logs = self.loss_fn.generator_loss(x, recon.float(), mean, logvar, step,
-                                                           logits_fake=logits_fake,
-                                                           last_layer=self.model.last_layer_weight())
-            finite = all_ranks_true(bool(torch.isfinite(g_loss)), dev)
-            if finite:
-                (g_loss / self.accum).backward()
+            finite, logs = self._micro_step(x, step, active)
             ok &= finite
-            if active:
-                self.disc.requires_grad_(True)
-                with autocast(dev, torch.bfloat16 if cfg.train.precision == "bf16" else None):
-                    d_loss, d_logs = self.loss_fn.discriminator_objective(self.disc(x), self.disc(recon.detach()))
-                logs.update(d_logs)
-                finite = all_ranks_true(bool(torch.isfinite(d_loss)), dev)
-                if finite:
-                    (d_loss / self.accum).backward()
-                ok &= finite
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / self.accum
         _allreduce_grads(self.g_params, self.info.world_size)

@@ -9,10 +9,10 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from data_pipeline.files import atomic_save_npz
 from eval import inception
 from eval.fid import PART_RE, EvalSettings
-from eval.metrics import (atomic_save_npz, fid_statistics, frechet_distance, inception_score, kid, load_reference,
-                          precision_recall)
+from eval.metrics import fid_statistics, frechet_distance, inception_score, kid, load_reference, precision_recall
 
 
 def legacy_merge_parts(parts_dir: Path, num_samples: int) -> Dict[str, np.ndarray]:

@@ -114,7 +114,8 @@ def test_frechet_distance_closed_form():
 
 
 def _write_shards(root: Path, images: np.ndarray, per_shard: int = 4) -> Path:
-    from data_pipeline.manifest import MANIFEST_NAME, shard_name, write_json_atomic
+    from data_pipeline.files import atomic_write_json
+    from data_pipeline.manifest import MANIFEST_NAME, shard_name
     from data_pipeline.tario import ShardWriter
 
     root.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,7 @@ def _write_shards(root: Path, images: np.ndarray, per_shard: int = 4) -> Path:
                 Image.fromarray(images[i]).save(buf, format="PNG")
                 w.write(f"{i:06d}", {"png": buf.getvalue(), "cls": str(i % 3).encode()})
         shards.append({"name": name, "num_samples": min(per_shard, len(images) - s)})
-    write_json_atomic(root / MANIFEST_NAME, {
+    atomic_write_json(root / MANIFEST_NAME, {
         "kind": "image", "shards": shards, "total": len(images), "image_size": images.shape[1],
         "channels": images.shape[-1], "class_names": ["a", "b", "c"], "source": "test", "command": "", "skipped": []})
     return root

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline.files import atomic_save_npz
 from eval import fid, inception
 from eval.fid import EvalSettings, evaluate, merge_parts, save_samples_npz, score
-from eval.metrics import atomic_save_npz, load_reference, save_reference
+from eval.metrics import load_reference, save_reference
 from eval.npzio import NpyMember, iter_member_rows, save_npz_streamed
 from tests.fid_legacy import legacy_merge_parts, legacy_outputs, legacy_score
 
