@@ -39,7 +39,7 @@ from data_pipeline.dist_env import cleanup, init_distributed, rank_world_from_en
 from data_pipeline.files import atomic_save_npz, atomic_write_json, atomic_write_text
 from eval import inception
 from eval.config import ConfigError, EvalConfig, add_config_args, config_for_checkpoint, field_range, fill_from_config
-from eval.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed
+from eval.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed, settings_problem
 from eval.metrics import fid_statistics, frechet_distance, inception_score, kid, load_reference, precision_recall
 from eval.mnist_classifier import get_classifier
 from eval.npzio import NpyMember, save_npz_streamed
@@ -367,7 +367,7 @@ def _ckpt_fingerprint(meta: Dict[str, Any]) -> Dict[str, Any]:
     return {"weights_file": f, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "step": meta.get("step")}
 
 
-def _settings_problem(settings: EvalSettings) -> Optional[Exception]:
+def _unusable_settings(settings: EvalSettings) -> Optional[Exception]:
     """What makes `settings` unusable before anything is generated (the CLI checks the same earlier)."""
     bad = [m for m in settings.metrics if m not in METRICS]
     if bad:
@@ -427,7 +427,7 @@ def evaluate(gen: Any, meta: Dict[str, Any], settings: EvalSettings, out: Union[
     """
     use_dist = not single_process and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
-    problem = _settings_problem(settings)
+    problem = _unusable_settings(settings)
     if problem is not None:
         raise problem
     out = Path(out)
@@ -566,18 +566,6 @@ def _arg_problem(args: argparse.Namespace, metrics: Tuple[str, ...]) -> Optional
     return None
 
 
-def _checkpoint_problem(args: argparse.Namespace, meta: Dict[str, Any]) -> Optional[str]:
-    """What is wrong with the arguments given the checkpoint's metadata (its process and channels); None if fine."""
-    steps = int((meta.get("diffusion") or {}).get("diffusion_steps", 1000))
-    if args.steps > steps:
-        return f"--steps {args.steps}: the checkpoint's diffusion has {steps} steps; pass 1..{steps}"
-    channels = int(meta["model"].get("in_channels", 4))
-    if args.guide_channels != "all" and int(args.guide_channels) > channels:
-        return (f"--guide-channels {args.guide_channels}: the model has {channels} input channel(s); pass 'all' "
-                f"or 1..{channels}")
-    return None
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point (every rank runs it)."""
     args = _parse(argv)
@@ -603,7 +591,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if metrics:
                 inception.resolve_weights(args.inception_weights)
             _, ckpt_meta = read_checkpoint_meta(args.ckpt)  # the metadata only, no weights
-            problem = _checkpoint_problem(args, ckpt_meta)
+            problem = settings_problem(ckpt_meta, args.steps, args.guide_channels)
         except (InferenceError, inception.InceptionWeightsMissing) as err:
             problem = str(err)
     if problem is not None:

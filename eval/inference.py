@@ -30,7 +30,7 @@ META_KEY = "ditstack"
 REQUIRED_META = ("model", "diffusion", "data", "latent", "step")
 
 __all__ = ["InferenceError", "resolve_checkpoint", "read_checkpoint_meta", "load_checkpoint", "Generator",
-           "sample_seed", "to_uint8"]
+           "sample_seed", "settings_problem", "to_uint8"]
 
 
 class InferenceError(ValueError):
@@ -82,6 +82,19 @@ def read_checkpoint_meta(path: Union[str, os.PathLike]) -> Tuple[Path, Dict[str,
             if key not in lat:
                 raise InferenceError(f"{f}: '{META_KEY}.latent' lacks key '{key}'")
     return f, meta
+
+
+def settings_problem(meta: Dict[str, Any], steps: int, guide_channels: Union[str, int]) -> Optional[str]:
+    """What is wrong with sampling settings given a checkpoint's metadata (its process and channels), as one line
+    naming the flag; None if they fit."""
+    trained = int((meta.get("diffusion") or {}).get("diffusion_steps", 1000))
+    if steps > trained:
+        return f"--steps {steps}: the checkpoint's diffusion has {trained} steps; pass 1..{trained}"
+    channels = int(meta["model"].get("in_channels", 4))
+    if guide_channels != "all" and int(guide_channels) > channels:
+        return (f"--guide-channels {guide_channels}: the model has {channels} input channel(s); pass 'all' "
+                f"or 1..{channels}")
+    return None
 
 
 def sample_seed(seed: int, index: int) -> int:

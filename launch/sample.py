@@ -39,7 +39,7 @@ from data_pipeline.devices import configure_tf32
 from data_pipeline.files import atomic_save_image, atomic_write_json
 from eval.config import (ConfigError, EvalConfig, SampleConfig, add_config_args, config_for_checkpoint, field_range,
                          fill_from_config)
-from eval.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed
+from eval.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed, settings_problem
 from eval.visuals import save_image_grid
 from launch.progress import StepProgress
 
@@ -193,18 +193,6 @@ def _flag_problem(args: argparse.Namespace, out: Path, images_root: Path) -> Opt
     return None
 
 
-def _checkpoint_problem(args: argparse.Namespace, meta: dict) -> Optional[str]:
-    """What is wrong with the flags given the checkpoint's metadata (its process and channels); None if nothing."""
-    steps = int((meta.get("diffusion") or {}).get("diffusion_steps", 1000))
-    if args.steps > steps:
-        return f"--steps {args.steps}: the checkpoint's diffusion has {steps} steps; pass 1..{steps}"
-    channels = int(meta["model"].get("in_channels", 4))
-    if args.guide_channels != "all" and int(args.guide_channels) > channels:
-        return (f"--guide-channels {args.guide_channels}: the model has {channels} input channel(s); pass 'all' "
-                f"or 1..{channels}")
-    return None
-
-
 def _with_config(args: argparse.Namespace) -> argparse.Namespace:
     """`args` with every sampling flag left out filled from the config (`config_for_checkpoint`)."""
     try:
@@ -219,7 +207,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict, Optional[list[int]], boo
     """(generator, metadata, labels, TF32 on, device) once the settings are checked against the checkpoint's
     metadata (read first: no weight is loaded for a bad setting). Raises SampleError / InferenceError."""
     _, meta = read_checkpoint_meta(args.ckpt)
-    problem = _checkpoint_problem(args, meta)
+    problem = settings_problem(meta, args.steps, args.guide_channels)
     if problem:
         raise SampleError(problem)
     class_names = list((meta.get("data") or {}).get("class_names") or [])

@@ -1,6 +1,6 @@
 """Train a DiT from webdataset shards under DeepSpeed ZeRO, with EMA, exact resume and preemption handling.
 
-    python launch/train.py --config configs/runs/mnist_latent.yaml [--set train.max_steps=2000] [--resume auto]
+    python launch/train.py --config configs/runs/mnist_demo.yaml [--set train.max_steps=2000] [--resume auto]
     torchrun --nproc_per_node 8 launch/train.py --config ...      deepspeed --num_gpus 8 launch/train.py --config ...
     srun python launch/train.py --config ... --resume auto        (one task per GPU; see slurm/)
 

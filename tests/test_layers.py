@@ -54,3 +54,26 @@ def test_imports_run_one_way_and_sit_at_the_top(path):
         assert LAYERS.index(layer) <= LAYERS.index(own), \
             f"{path.relative_to(ROOT)}:{line} imports {name}: {own}/ may not import {layer}/ ({' → '.join(reversed(LAYERS))})"
         assert top, f"{path.relative_to(ROOT)}:{line} imports {name} inside a function (move it to the top)"
+
+
+def _functions(tree: ast.AST):
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+@pytest.mark.parametrize("path", _library_modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_library_function_exceeds_60_lines(path):
+    """A function a reader takes in at once: at most 60 lines (docstring included)."""
+    long = [(f.name, f.lineno, f.end_lineno - f.lineno + 1) for f in _functions(ast.parse(path.read_text()))
+            if f.end_lineno - f.lineno + 1 > 60]
+    assert not long, f"{path.relative_to(ROOT)}: " + ", ".join(f"{n} (line {ln}: {k} lines)" for n, ln, k in long)
+
+
+def test_every_config_a_docstring_or_document_names_exists():
+    """Docstrings, comments and documents name configs that exist (a renamed config left stale references)."""
+    import re
+
+    named = set()
+    for path in [*_library_modules(), *ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md"), *(ROOT / "slurm").glob("*.sh")]:
+        named |= set(re.findall(r"configs/[A-Za-z0-9_/]+\.(?:yaml|json)", path.read_text()))
+    missing = sorted(n for n in named if not (ROOT / n).is_file())
+    assert not missing, missing
