@@ -149,7 +149,7 @@ def test_bf16_sampling_uses_onednn_and_matches_float64():
 
 def test_paths_stay_off_where_they_do_not_apply(monkeypatch):
     """fp32 training and bf16 training under torch.compile keep the flash kernel; bf16 sampling with fp32-stored
-    weights and anything off the CPU (here the meta device) never call oneDNN."""
+    or ZeRO-3-partitioned weights and anything off the CPU (here the meta device) never call oneDNN."""
     _, fast = pair()
     with OpCounts() as ops:
         step(fast, False)
@@ -161,6 +161,13 @@ def test_paths_stay_off_where_they_do_not_apply(monkeypatch):
     monkeypatch.undo()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), OpCounts() as ops:
         fast.eval()(*INPUTS)
+    assert ops.counts["_linear_pointwise"] == 0
+    partitioned = bf16_storage(fast)
+    for mod in partitioned.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.weight.ds_id = 0  # as DeepSpeed marks ZeRO-3 parameters (gathered only in the module's own hooks)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), OpCounts() as ops:
+        partitioned(*INPUTS)
     assert ops.counts["_linear_pointwise"] == 0
     meta = bf16_storage(fast).to("meta")
     with torch.no_grad(), OpCounts() as ops:

@@ -57,8 +57,10 @@ def onednn_bf16() -> bool:
 
 def onednn_inference(x: torch.Tensor, layer: nn.Linear) -> bool:
     """Whether `layer(x)` runs as one oneDNN call: bf16 input and bf16-stored weights on the CPU, no autograd."""
+    # Not for ZeRO-3-partitioned weights (`ds_id`): ZeRO gathers them in hooks around the layer's own forward,
+    # which `CPUMlp` does not call for fc1.
     return (_eager_cpu(x) and x.dtype == torch.bfloat16 and layer.weight.dtype == torch.bfloat16
-            and not torch.is_grad_enabled() and onednn_bf16())
+            and not torch.is_grad_enabled() and not hasattr(layer.weight, "ds_id") and onednn_bf16())
 
 
 def onednn_linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
