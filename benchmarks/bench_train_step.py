@@ -4,7 +4,9 @@ One step = forward + loss + backward + AdamW step, batch 32 of 4x32x32 latents, 
 hold the same weights (ours converted to diffusers), use the same loss and the same optimizer, and are timed
 alternately in the same process, so that the load of other processes on the machine hits both alike; the reported
 ratios come from medians over the repetitions. Also measured: per-block gradient checkpointing (peak memory of live
-tensors and step time, against no checkpointing).
+tensors and step time, against no checkpointing). Peers on request: the official network (`--official`), our model
+with the CPU speed-ups of `dit.cpu` (`--cpu`, what the trainer runs on a CPU), torch.compile (`--compile`);
+`--demo` times the `make demo` DiT instead of a preset.
 
 Run from the repository root, e.g.
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 \
@@ -13,6 +15,7 @@ Run from the repository root, e.g.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -29,7 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit.convert import diffusers_config, ours_to_diffusers
-from dit.models import DiT_models
+from dit.cpu import accelerate
+from dit.models import DiT, DiT_models
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -40,10 +44,19 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
 
 
-def build_models(name: str, batch: int, seed: int) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """Our model (zero-initialised layers perturbed, like a trained model) and diffusers' copy of it."""
+# The `make demo` DiT (configs/runs/mnist_demo.yaml: custom, hidden 128, depth 6, 4 heads, patch 2) on the demo VAE's
+# 8x8x4 latents of 10 digit classes.
+DEMO = {"input_size": 8, "in_channels": 4, "num_classes": 10, "hidden_size": 128, "depth": 6, "num_heads": 4,
+        "patch_size": 2}
+PRESET_DATA = {"input_size": 32, "in_channels": 4, "num_classes": 1000}
+
+
+def build_models(name: str, batch: int, seed: int, demo: bool = False
+                 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """Our model (zero-initialised layers perturbed, like a trained model) and diffusers' copy of it: the preset
+    `name` on 4x32x32 latents of 1000 classes, or the demo's DiT."""
     torch.manual_seed(seed)
-    ours = DiT_models[name](input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+    ours = DiT(**DEMO, learn_sigma=True) if demo else DiT_models[name](**PRESET_DATA, learn_sigma=True)
     with torch.no_grad():
         for p in ours.parameters():
             if not p.abs().sum():
@@ -52,8 +65,9 @@ def build_models(name: str, batch: int, seed: int) -> tuple[torch.nn.Module, tor
         from diffusers import DiTTransformer2DModel
     except ImportError:  # diffusers is a dev extra
         return ours, None
-    kw = {"hidden_size": ours.hidden_size, "num_heads": ours.num_heads, "in_channels": 4, "depth": ours.depth,
-          "input_size": 32, "patch_size": ours.patch_size, "num_classes": 1000, "learn_sigma": True}
+    kw = {"hidden_size": ours.hidden_size, "num_heads": ours.num_heads, "in_channels": ours.in_channels,
+          "depth": ours.depth, "input_size": ours.input_size, "patch_size": ours.patch_size,
+          "num_classes": ours.num_classes, "learn_sigma": True}
     theirs = DiTTransformer2DModel(**diffusers_config(kw))
     theirs.load_state_dict(ours_to_diffusers(ours.state_dict()))
     return ours, theirs
@@ -63,8 +77,9 @@ def official_copy(ours: torch.nn.Module) -> torch.nn.Module:
     """The official network (benchmarks/official_dit.py) holding our model's weights."""
     from benchmarks.official_dit import OfficialDiT
 
-    official = OfficialDiT(input_size=32, patch_size=ours.patch_size, in_channels=4, hidden_size=ours.hidden_size,
-                           depth=ours.depth, num_heads=ours.num_heads, num_classes=1000)
+    official = OfficialDiT(input_size=ours.input_size, patch_size=ours.patch_size, in_channels=ours.in_channels,
+                           hidden_size=ours.hidden_size, depth=ours.depth, num_heads=ours.num_heads,
+                           num_classes=ours.num_classes)
     official.load_state_dict(ours.state_dict())
     return official
 
@@ -144,6 +159,8 @@ def summary(times: dict[str, list[float]], batch: int) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="DiT-S/2", choices=list(DiT_models))
+    ap.add_argument("--demo", action="store_true",
+                    help="the `make demo` DiT (configs/runs/mnist_demo.yaml) on 8x8x4 latents instead of --model")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -159,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--official", action="store_true",
                     help="also time the official network (benchmarks/official_dit.py): the plain model, op for op")
+    ap.add_argument("--cpu", action="store_true",
+                    help="also time ours with the CPU speed-ups (dit.cpu.accelerate), as the trainer runs it on a CPU")
     ap.add_argument("--profile", default="", help="print the top ops of one step of ours in this precision")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="write the results here")
@@ -166,14 +185,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    ours, theirs = build_models(args.model, args.batch, args.seed)
+    ours, theirs = build_models(args.model, args.batch, args.seed, args.demo)
     if args.no_diffusers:
         theirs = None
     g = torch.Generator().manual_seed(args.seed)
-    data = (torch.randn(args.batch, 4, 32, 32, generator=g), torch.randint(0, 1000, (args.batch,), generator=g),
-            torch.randint(0, 1000, (args.batch,), generator=g), torch.randn(args.batch, 8, 32, 32, generator=g))
+    c, s, k = ours.in_channels, ours.input_size, ours.num_classes
+    data = (torch.randn(args.batch, c, s, s, generator=g), torch.randint(0, 1000, (args.batch,), generator=g),
+            torch.randint(0, k, (args.batch,), generator=g), torch.randn(args.batch, 2 * c, s, s, generator=g))
     env = {k: os.environ.get(k) for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
-    results: dict = {"model": args.model, "batch": args.batch, "threads": args.threads, "reps": args.reps,
+    results: dict = {"model": "demo" if args.demo else args.model, "batch": args.batch, "threads": args.threads, "reps": args.reps,
                      "clock": args.clock,
                      "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "env": env,
                      "command": " ".join([sys.executable.split("/")[-1], *sys.argv])}
@@ -195,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             steppers["ours_compiled"] = Stepper(torch.compile(ours), ours_forward, data, precision)
         if args.official:
             steppers["official"] = Stepper(official_copy(ours), ours_forward, data, precision)
+        if args.cpu:
+            steppers["ours_cpu"] = Stepper(accelerate(copy.deepcopy(ours)), ours_forward, data, precision)
         times = time_alternating(steppers, args.reps, args.warmup, clock)
         res = summary(times, args.batch)
         if theirs is not None:
@@ -204,16 +226,25 @@ def main(argv: list[str] | None = None) -> int:
                 res["compiled_speedup_vs_diffusers"] = res["diffusers"]["median_s"] / res["ours_compiled"]["median_s"]
             if args.official:
                 res["official_speedup_vs_diffusers"] = res["diffusers"]["median_s"] / res["official"]["median_s"]
+            if args.cpu:
+                res["cpu_speedup_vs_diffusers"] = res["diffusers"]["median_s"] / res["ours_cpu"]["median_s"]
+                res["cpu_speedup_pairs_median"] = statistics.median(
+                    d / o for d, o in zip(times["diffusers"], times["ours_cpu"]))
         results[precision] = res
         print(f"[{precision}] " + ", ".join(f"{n}: {r['img_per_s']:.2f} img/s" for n, r in res.items()
                                            if isinstance(r, dict))
               + (f"; ours/diffusers speedup {res['speedup_vs_diffusers']:.2f}x (pairs {res['speedup_pairs_median']:.2f}x)"
-                 if theirs is not None else ""), flush=True)
+                 if theirs is not None else "")
+              + (f"; ours_cpu/diffusers {res['cpu_speedup_vs_diffusers']:.2f}x (pairs {res['cpu_speedup_pairs_median']:.2f}x)"
+                 if theirs is not None and args.cpu else ""), flush=True)
 
     if not args.no_ckpt:
         precision = "bf16" if "bf16" in args.precisions else args.precisions.split(",")[0]
-        plain = Stepper(ours, ours_forward, data, precision)
-        ours_ckpt, _ = build_models(args.model, args.batch, args.seed)
+        # with --cpu: both with the CPU speed-ups, as the trainer runs them on a CPU
+        speedups = accelerate if args.cpu else (lambda m: m)
+        plain = Stepper(speedups(copy.deepcopy(ours)), ours_forward, data, precision)
+        ours_ckpt, _ = build_models(args.model, args.batch, args.seed, args.demo)
+        ours_ckpt = speedups(ours_ckpt)
         ours_ckpt.set_grad_checkpointing(True)
         ckpt = Stepper(ours_ckpt, ours_forward, data, precision)
         times = time_alternating({"plain": plain, "ckpt": ckpt}, args.reps, args.warmup, clock)

@@ -18,7 +18,6 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from dit.layers import BLOCKS, CONDITIONINGS, FinalLayer, LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed
 
 _MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-_ONEDNN_LINEAR = getattr(getattr(torch.ops.mkldnn, "_linear_pointwise", None), "default", None)
 
 
 def _keep_down_projections(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
@@ -30,10 +29,6 @@ def _keep_down_projections(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Chec
     if op in _MATMULS:
         mat1, mat2 = args[-2], args[-1]
         if mat1.dim() == 2 and mat1.shape[1] >= 2 * mat2.shape[1]:
-            return CheckpointPolicy.MUST_SAVE
-    elif op == _ONEDNN_LINEAR:  # dit.bf16_linear's forward (CPU bf16 training): x [M, K], weight [N, K]
-        x, weight = args[0], args[1]
-        if x.shape[-1] >= 2 * weight.shape[0]:
             return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -157,17 +152,10 @@ class DiT(nn.Module):
         random label dropout, as in the official code.
         """
         x = self.x_embedder(x.to(self.x_embedder.proj.weight.dtype)) + self.pos_embed
-        stream_dtype = x.dtype
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # Under CPU autocast the token stream itself runs in the low precision: LayerNorm, modulation and the
-            # residual adds then need no casts and half the memory traffic (CPU autocast would otherwise bounce
-            # every block between fp32 and bf16). LayerNorm statistics are still accumulated in fp32.
-            stream_dtype = torch.get_autocast_dtype("cpu")
         # The patch embedding yields a transposed (channels-first) view and elementwise ops keep that layout:
         # without this one copy every LayerNorm and linear of every block would copy its input (and again in
-        # the backward).
-        # (`.to` returns x itself when the dtype already matches, whatever its layout: hence the explicit call.)
-        x = x.to(stream_dtype).contiguous()
+        # the backward), on every device.
+        x = x.contiguous()
         t_emb, y_emb = self._conditioning(t, y, force_drop_ids)
         if self.conditioning in ("adaln_zero", "adaln"):
             # The SiLU in front of every adaLN linear is the same function of c: apply it once here.

@@ -423,7 +423,6 @@ def _divisors(n: int) -> str:
 
 def _check_model(m: ModelConfig) -> None:
     """The architecture the config resolves to (preset values under the overrides) must build a DiT."""
-
     if m.name not in DiT_models and m.name != "custom":
         raise ConfigError(f"model.name: unknown model {m.name!r}; valid choices: {', '.join(DiT_models)}, custom")
     if m.name == "custom":

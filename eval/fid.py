@@ -294,7 +294,6 @@ def _classifier_metrics(clf: Any, merged: MergedSamples, labels: Optional[torch.
     The chunk is the classifier's own prediction batch (500), so every image is scored in the batch it would be in
     when all images are passed at once.
     """
-
     outs = [clf.predict(torch.from_numpy(c).permute(0, 3, 1, 2)) for c in merged.iter_images(500)]
     logits, feats = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
     out: Dict[str, float] = {"digits_n": merged.num_samples}
@@ -471,7 +470,6 @@ def evaluate_checkpoint(ckpt: Union[str, os.PathLike, Any], *, num_samples: int 
     Other keyword arguments are ``EvalSettings`` fields. Collective over the process group (every rank calls it)
     unless ``single_process``. Returns the record on rank 0 (None on other ranks).
     """
-
     if isinstance(ckpt, (str, os.PathLike)):
         dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         gen, meta = load_checkpoint(ckpt, dev)

@@ -8,6 +8,7 @@ seed and label, never on the batch it was drawn in.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import torch
 
 from data_pipeline.devices import autocast
 from data_pipeline.vae_io import load_vae
+from dit.cpu import accelerate
 from dit.diffusion import create_diffusion
 from dit.models import DiT
 from dit.samplers import make_cfg_model_fn, sample
@@ -39,7 +41,6 @@ class InferenceError(ValueError):
 
 def resolve_checkpoint(path: Union[str, os.PathLike]) -> Path:
     """The weights file behind ``path``: a ``.safetensors`` file, a checkpoint dir, or a run/checkpoints dir."""
-
     p = Path(path)
     if p.is_file():
         return p
@@ -158,7 +159,6 @@ class Generator:
     def model_fn(self, cfg_scale: float = 1.0, guide_channels: Union[str, int] = "all",
                  guidance_interval: Optional[Sequence[float]] = None, dtype: Optional[torch.dtype] = None):
         """``model_fn(x, t, y)`` for the sampler: the DiT (with CFG when ``cfg_scale != 1``) under ``dtype`` autocast."""
-
         model = self.model_for(dtype)
         if cfg_scale != 1.0:
             if self.num_classes == 0:
@@ -181,8 +181,8 @@ class Generator:
     def model_for(self, dtype: Optional[torch.dtype]) -> torch.nn.Module:
         """The model to run under ``dtype`` autocast: for bf16/fp16 a copy whose Linear/Conv weights are stored in
         that dtype. Autocast would cast exactly those tensors to exactly those values on every call; storing them
-        once saves the casts (and half the weight memory traffic) at every step, and on the CPU lets the blocks use
-        oneDNN's fused linear(+GELU) kernels (`dit.layers.linear`; same function, bf16 rounding differs)."""
+        once saves the casts (and half the weight memory traffic) at every step, and on the CPU lets the linears use
+        oneDNN's fused linear(+GELU) kernels (`dit.cpu.accelerate`; same function, bf16 rounding differs)."""
         if dtype is None or dtype == torch.float32:
             return self.model
         # The copy is remade whenever `self.model`'s weights changed since it was made (the trainer loads new EMA
@@ -191,12 +191,12 @@ class Generator:
         versions = tuple(t._version for t in self.model.state_dict(keep_vars=True).values())
         cached = self._lowp.get(dtype)
         if cached is None or cached[0] != versions:
-            import copy
-
             model = copy.deepcopy(self.model).eval().requires_grad_(False)
             for mod in model.modules():
                 if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
                     mod.to(dtype)
+            if torch.device(self.device).type == "cpu":
+                accelerate(model)
             cached = (versions, model)
             self._lowp = {dtype: cached}  # one low-precision copy at a time
         return cached[1]
@@ -215,7 +215,6 @@ class Generator:
                      guide_channels: Union[str, int] = "all", guidance_interval: Optional[Sequence[float]] = None,
                      dtype: Optional[torch.dtype] = None, progress: bool = False) -> torch.Tensor:
         """uint8 images [B, C, H, W] (CPU) for ``labels`` [B] (None if unconditional) and one seed per sample."""
-
         gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
         b = len(gens)
         y = None
@@ -253,7 +252,6 @@ def load_checkpoint(path: Union[str, os.PathLike], device: Union[str, torch.devi
                     vae: Union[None, str, os.PathLike, Any] = None) -> Tuple[Generator, Dict[str, Any]]:
     """(Generator, metadata + ``"weights_file"``) from a checkpoint (see module doc); ``vae`` overrides its VAE."""
     from safetensors.torch import load_file
-
 
     f, meta = read_checkpoint_meta(path)
     try:

@@ -121,7 +121,6 @@ def load_reference(path: Union[str, os.PathLike], need_features: bool = False,
     ``featurize`` in chunks of a multiple of ``batch_size`` images (about ``REFERENCE_CHUNK_BYTES``), so a
     ``featurize`` that batches by ``batch_size`` sees the batches one call on all images would.
     """
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {path} not found (make them with eval/reference.py)")

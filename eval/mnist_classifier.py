@@ -147,7 +147,6 @@ class DigitClassifier:
 
     def metrics(self, images: torch.Tensor, labels: Optional[torch.Tensor]) -> Dict[str, float]:
         """Accuracy against the conditioning ``labels`` (if given) and FD-digits vs the real digits."""
-
         logits, feats = self.predict(images)
         out: Dict[str, float] = {"digits_n": int(len(images))}
         if labels is not None:
@@ -177,7 +176,6 @@ def get_classifier(shards: Optional[Union[str, os.PathLike]] = None, cache_dir: 
                    device: Union[str, torch.device] = "cpu") -> DigitClassifier:
     """The digit classifier for these digits: loaded from the cache, or trained (≈1 min on CPU) and cached."""
     from safetensors.torch import load_file
-
 
     images, labels, source = load_digits(shards)
     key = _data_key(images, labels)

@@ -48,7 +48,6 @@ def iter_shard_images(spec: Union[str, os.PathLike]) -> Iterator[Tuple[np.ndarra
     """(uint8 RGB [H, W, 3], label) of every image sample of an image shard set, in manifest order.
 
     The manifest is read (and a wrong kind refused) when this is called, not when the first image is drawn."""
-
     manifest, paths = load_spec(spec)
     if manifest["kind"] != "image":
         raise ValueError(f"{spec}: reference statistics need image shards, the manifest says kind={manifest['kind']!r}")

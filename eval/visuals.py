@@ -60,7 +60,6 @@ def plot_loss_curve(log_path: Path, out: Path, key: str = "loss") -> Path | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     records = [r for r in read_jsonl(log_path) if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     if not records:
         return None

@@ -31,7 +31,6 @@ def latent_record(manifest: dict) -> Optional[dict]:
 
 def model_kwargs(cfg: Config, manifest: dict) -> dict[str, Any]:
     """DiT constructor kwargs: the preset, the config's overrides, and sizes/classes from the manifest."""
-
     m = cfg.model
     if m.name == "custom":
         kw: dict[str, Any] = {}

@@ -39,6 +39,7 @@ from data_pipeline.devices import autocast
 from data_pipeline.files import atomic_save_image, atomic_write_json
 from data_pipeline.loader import build_stream
 from data_pipeline.manifest import ManifestError
+from dit.cpu import accelerate
 from dit.diffusion import create_diffusion
 from dit.models import DiT
 from eval.config import ConfigError, add_config_args, config_from_args
@@ -105,6 +106,8 @@ def _setup(cfg: Any, batch_size: int, device: torch.device) -> dict[str, Any]:
     mkw, dkw = model_kwargs(cfg, stream.manifest), diffusion_kwargs(cfg)
     seed_everything(cfg.train.seed)
     model = DiT(**mkw).to(device).train()
+    if device.type == "cpu":
+        accelerate(model)  # as the trainer runs it
     opt = torch.optim.AdamW(model.parameters(), lr=1.0, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
                             weight_decay=cfg.train.weight_decay)
     return {"stream": stream, "mkw": mkw, "dkw": dkw, "model": model, "diffusion": create_diffusion(**dkw),
@@ -211,7 +214,6 @@ def plot_curve(result: dict[str, Any], out: Path) -> Path:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line arguments of the range test."""
-
     ap = OneLineParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_args(ap)

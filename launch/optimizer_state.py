@@ -153,7 +153,6 @@ def _jsonable(value: Any) -> Any:
 
 def save(engine: Any, ckpt_dir: Path, rank: int) -> None:
     """Write this rank's fragments into `ckpt_dir/optim/` (every rank calls it; ZeRO-0: rank 0 writes)."""
-
     if _stage(engine) == 0 and rank != 0:
         return
     out = Path(ckpt_dir) / STATE_DIR

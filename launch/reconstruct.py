@@ -141,7 +141,6 @@ def save_comparison_grid(x: torch.Tensor, rec: torch.Tensor, path: str | os.Path
 def iter_shard_images(shards: str, batch_size: int, seed: int = 0, max_images: Optional[int] = None):
     """One pass over image shards (no flips, no shuffle buffer): yields x [B, C, H, W] in [-1, 1], the last batch
     possibly smaller, up to ``max_images`` images (every image when None)."""
-
     # batch size 1 underneath: a training stream drops the incomplete last batch, an evaluation must not
     stream = build_stream(shards, batch_size=1, rank=0, world_size=1, num_workers=0, seed=seed, mode="exact",
                           shuffle_buffer=0, flip=False)
@@ -185,7 +184,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     """CLI entry point; returns the exit status (2 for a bad config or input)."""
-
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     cfg = config_from_args(args) if args.config or args.overrides else load_config(None)

@@ -285,7 +285,6 @@ class VAETrainer(TrainerBase):
     @torch.no_grad()
     def save_grid(self) -> Optional[Path]:
         """Originals above reconstructions (posterior mean, exported weights) for up to 16 images (rank 0)."""
-
         x = self._fixed if self._fixed is not None else self._last_batch
         if not self.info.is_main or x is None:
             return None
@@ -300,7 +299,6 @@ class VAETrainer(TrainerBase):
 
     def _fixed_images(self) -> Optional[torch.Tensor]:
         """A fixed held-out batch for the grids (data.val_shards), or None to show the current batch."""
-
         if not self.cfg.data.val_shards or not self.info.is_main:
             return None
         for x in iter_shard_images(self.cfg.data.val_shards, GRID_IMAGES):
@@ -310,7 +308,6 @@ class VAETrainer(TrainerBase):
     @torch.no_grad()
     def latent_stats(self) -> Dict[str, Any]:
         """Per-channel mean/std of posterior samples over up to 1024 images (val shards if set, else train)."""
-
         module = self.export_module()
         was_training = module.training
         module.eval()
@@ -345,7 +342,6 @@ class VAETrainer(TrainerBase):
 
     def export(self) -> Path:
         """Write RUN/vae.safetensors (exported weights + latent statistics) and, with val shards, their PSNR."""
-
         out = save_vae(self.run_dir / VAE_FILENAME, self.model, image_size=self.image_size, step=self.step,
                        latent_stats=self.latent_stats(), state_dict=self.export_module().state_dict(),
                        extra={"ema": self.ema is not None})
@@ -363,7 +359,6 @@ class VAETrainer(TrainerBase):
 # ------------------------------------------------------------------------------------------------ entry point
 def main(argv: Optional[list] = None) -> int:
     """Run the VAE trainer; returns the exit status (2 for a bad config, input or missing LPIPS weights)."""
-
     return run_main(VAETrainer, __doc__.split("\n")[0], argv, use_deepspeed=False,
                     input_errors=(LPIPSWeightsMissing,))
 

@@ -475,7 +475,6 @@ def run_main(make_trainer: Callable[[Config, DistInfo, Path, Optional[str]], Tra
     Exit status: 0 done, 2 bad config or input (`ConfigError`, `CheckpointError`, a manifest problem and
     `input_errors`), 3 checkpointed after a signal, 1 other failures (`TrainingStopped`, no readable data).
     """
-
     args = parse_args(description, argv)
     cfg = config_from_args(args)
     run_dir = Path(args.run_dir or cfg.train.run_dir)

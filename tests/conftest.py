@@ -69,18 +69,3 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def native_kernels_marker() -> pytest.MarkDecorator:
-    """Skip marker for tests of the fused CPU kernels (dit/native.py), with the real reason when they are off.
-
-    CI sets DIT_REQUIRE_NATIVE_KERNELS=1: there a kernel build that broke must fail the run, not skip the tests.
-    """
-    from dit import native  # here, not at the top: conftest is imported before any test needs the kernels
-
-    if not native.available() and os.environ.get("DIT_REQUIRE_NATIVE_KERNELS") == "1":
-        raise RuntimeError(f"DIT_REQUIRE_NATIVE_KERNELS=1 but the fused CPU kernels are off: "
-                           f"{native.unavailable_reason()}")
-    return pytest.mark.skipif(not native.available(),
-                              reason=f"fused CPU kernels unavailable: {native.unavailable_reason()} "
-                                     f"(the plain-torch fallback is what runs here; see the fallback tests)")

@@ -166,3 +166,11 @@ def test_bf16_samples_follow_new_weights_loaded_into_the_generator(tmp_path):
     assert torch.equal(again, other.sample_batch(labels, seeds, dtype=torch.bfloat16, **kw))
     assert not torch.equal(again, first)
     assert torch.equal(gen.sample_batch(labels, seeds, dtype=torch.bfloat16, **kw), again)  # cache reused
+
+
+def test_cpu_bf16_sampling_model_gets_the_cpu_speedups_and_the_fp32_model_stays_plain(tmp_path):
+    """On a CPU the bf16 sampling copy runs `dit.cpu`'s classes; fp32 sampling and the held model stay plain."""
+    gen, _ = load_checkpoint(tiny_checkpoint(tmp_path / "m.safetensors"))
+    assert type(gen.model_for(torch.bfloat16).blocks[0]).__name__ == "CPUDiTBlock"
+    assert type(gen.model_for(None).blocks[0]).__name__ == "DiTBlock"
+    assert type(gen.model.blocks[0]).__name__ == "DiTBlock"

@@ -58,7 +58,8 @@ def main() -> int:
             trainer.train_step()
             trainer.step_end(False)
     if trainer.info.is_main:
-        out.write_text(json.dumps({"reads": mode.reads}))
+        out.write_text(json.dumps({"reads": mode.reads,
+                                    "blocks": sorted({type(b).__name__ for b in trainer.engine.module.blocks})}))
     trainer.stream.close()
     cleanup()
     return 0
