@@ -153,10 +153,13 @@ class StreamingMaker:
             for shard in self._draws(start, worker, num_workers):
                 yield from self._shard_samples(shard)
 
-        if self.shuffle_buffer <= 1:
+        # at most a rank's epoch of samples (as the exact reader's buffer), yielding from 100 on (webdataset's
+        # default): a first batch must not wait for a thousand samples of a small data set
+        size = min(self.shuffle_buffer, max(1, self.total // self.world_size))
+        if size <= 1:
             return drawn()
         seed = order_mod.mix64(self.seed, self.rank, worker, num_workers, start, _TAG_STREAM + 1)
-        return iter(wds_shuffle(self.shuffle_buffer, self.shuffle_buffer, seed=seed)(drawn()))
+        return iter(wds_shuffle(size, min(size, 100), seed=seed)(drawn()))
 
     # -- batches
     def batches(self, start: int, worker: int, num_workers: int) -> Iterator[Item]:
