@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import Any, Optional
 
 _URL_SPEC = re.compile(r"^(?i:(https?|s3|gs))://")
 _URL_IN_TEXT = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^\s'\"]+)")
@@ -40,3 +40,17 @@ def redact(text: str) -> str:
     text = _URL_IN_TEXT.sub(_redact_url, text)
     text = _SECRET_OPTION.sub(lambda m: m.group(1) + "***", text)
     return _SECRET_ASSIGN.sub(lambda m: m.group(1) + "***", text)
+
+
+_ANY_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def remote_output_problem(out: Any, flag: str = "--out") -> Optional[str]:
+    """Why ``out`` cannot be an output directory (a URL or a ``pipe:`` command: shards are written locally, then
+    uploaded, manifest last), or None for a local path."""
+    s = os.fspath(out) if isinstance(out, os.PathLike) else str(out)
+    if not (s.startswith("pipe:") or _ANY_URL.match(s)):
+        return None
+    return (f"{flag} {redact(s)}: shards are written to a local directory; upload them afterwards, the manifest "
+            "last, e.g. aws s3 sync DIR s3://BUCKET/PREFIX --exclude manifest.json && "
+            "aws s3 cp DIR/manifest.json s3://BUCKET/PREFIX/ (README: Data on HTTP / S3 / GCS)")

@@ -267,3 +267,23 @@ def test_all_shards_missing_is_one_clear_error_not_an_empty_epoch(served, tmp_pa
     s = build_stream(url_of(server, data), batch_size=4, cache_dir=str(tmp_path / "c"), **FAST)
     with pytest.raises(RemoteShardError, match=r"4 shard downloads failed in a row .*first error: .*HTTP 404"):
         take(s, 1)
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_trainer_streams_mnist_shards_over_http_on_two_ranks_with_two_workers(small_shards, tmp_path):
+    from tests.test_train import run_train
+
+    server = HttpServer(small_shards.parent, tmp_path / "server").start()
+    try:
+        run = tmp_path / "run"
+        out = run_train(run, f"{server.url}/{small_shards.name}", "data.mode=resampled", "data.num_workers=2",
+                        "train.max_steps=4", "train.ckpt_every=4", "train.log_every=1")
+    finally:
+        server.stop()
+    meta = json.loads((run / "checkpoints" / "step_0000004" / "meta.json").read_text())
+    assert meta["step"] == 4 and len(meta["positions"]) == 2
+    assert all(p["batches"] == 4 and p["mode"] == "resampled" for p in meta["positions"])
+    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(np.isfinite(losses)), out[-3000:]
