@@ -99,6 +99,38 @@ def time_stream(spec: str, mode: str, batch: int, workers: int, epochs: int, cac
     return wall, cpu_seconds() - c0, server_cpu(server) - s0, n * batch
 
 
+def measure(kind: str, local: str, url: str, args: argparse.Namespace, cache: Path,
+            server: subprocess.Popen) -> List[tuple]:
+    """The table rows of one data set: every reader with every worker count."""
+    b, e = args.batch_size, args.epochs
+    rows: List[tuple] = []
+    for nw in args.workers:
+        def cold() -> Tuple[float, float, float, int]:
+            shutil.rmtree(cache, ignore_errors=True)
+            return time_stream(url, "exact", b, nw, e, str(cache), server)
+
+        runs: Dict[str, Callable[[], Tuple[float, float, float, int]]] = {
+            "local exact": lambda: time_stream(local, "exact", b, nw, e, None, server),
+            "local resampled": lambda: time_stream(local, "resampled", b, nw, e, None, server),
+            "HTTP resampled (streamed)": lambda: time_stream(url, "resampled", b, nw, e, None, server),
+            "HTTP exact, cold cache": cold,
+            "HTTP exact, warm cache": lambda: time_stream(url, "exact", b, nw, e, str(cache), server),
+        }
+        for run in runs.values():  # warm-up (page cache, imports)
+            run()
+        best = {k: (0.0, 0.0, float("inf")) for k in runs}
+        for _ in range(args.reps):  # interleaved, so changes in machine load hit all readers
+            for k, run in runs.items():
+                wall, cpu, srv, n = run()
+                rate, per_cpu, srv_us = n / wall, n / cpu, 1e6 * srv / n
+                best[k] = (max(best[k][0], rate), max(best[k][1], per_cpu), min(best[k][2], srv_us))
+        for k, (rate, per_cpu, srv_us) in best.items():
+            base = best["local exact" if "exact" in k else "local resampled"]
+            rows.append((kind, k, nw, rate, rate / base[0], per_cpu, per_cpu / base[1], srv_us))
+            print(f"{kind} {k} workers={nw}: {rate:.0f}/s, {per_cpu:.0f}/CPU-s", flush=True)
+    return rows
+
+
 def main(argv: List[str] | None = None) -> int:
     """Run the benchmark and print the table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -109,51 +141,30 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
     p.add_argument("--server", choices=("nginx", "python"), default="nginx")
+    p.add_argument("--data", nargs="+", choices=("latents", "images"), default=["latents"])
     args = p.parse_args(argv)
-    work = Path(args.work)
-    local = setup(work, args.num, 32, 64)["lat_shards"]
+    paths = setup(Path(args.work), args.num, 32, 64)
     scratch = Path(tempfile.mkdtemp(prefix="bench_remote_"))
-    cache = scratch / "cache"
-    server, port = start_server(local.parent, args.server, scratch)
-    url = f"http://127.0.0.1:{port}/{local.name}"
-    b, e = args.batch_size, args.epochs
+    server, port = start_server(paths["lat_shards"].parent, args.server, scratch)
+    rows = []
     try:
-        rows = []
-        for nw in args.workers:
-            def cold() -> Tuple[float, float, float, int]:
-                shutil.rmtree(cache, ignore_errors=True)
-                return time_stream(url, "exact", b, nw, e, str(cache), server)
-
-            runs: Dict[str, Callable[[], Tuple[float, float, float, int]]] = {
-                "local exact": lambda: time_stream(str(local), "exact", b, nw, e, None, server),
-                "local resampled": lambda: time_stream(str(local), "resampled", b, nw, e, None, server),
-                "HTTP resampled (streamed)": lambda: time_stream(url, "resampled", b, nw, e, None, server),
-                "HTTP exact, cold cache": cold,
-                "HTTP exact, warm cache": lambda: time_stream(url, "exact", b, nw, e, str(cache), server),
-            }
-            for run in runs.values():  # warm-up (page cache, imports)
-                run()
-            best = {k: (0.0, 0.0, float("inf")) for k in runs}
-            for _ in range(args.reps):
-                for k, run in runs.items():
-                    wall, cpu, srv, n = run()
-                    rate, per_cpu, srv_us = n / wall, n / cpu, 1e6 * srv / n
-                    best[k] = (max(best[k][0], rate), max(best[k][1], per_cpu), min(best[k][2], srv_us))
-            for k, (rate, per_cpu, srv_us) in best.items():
-                base = best["local exact" if "exact" in k else "local resampled"]
-                rows.append((k, nw, rate, rate / base[0], per_cpu, per_cpu / base[1], srv_us))
-                print(f"{k} workers={nw}: {rate:.0f}/s, {per_cpu:.0f}/CPU-s", flush=True)
+        for kind in args.data:
+            local = paths["lat_shards" if kind == "latents" else "img_shards"]
+            rows += measure(kind, str(local), f"http://127.0.0.1:{port}/{local.name}", args, scratch / "cache",
+                            server)
     finally:
         server.terminate()
         server.wait(timeout=30)
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"\n{args.num} latent samples (4x32x32 mean+std fp16 with flipped twin, {local}), batch {b}, {e} epochs "
-          f"per run, best of {args.reps} after a warm-up, server: {args.server}\n")
-    print("| reader | workers | samples/s | vs local | samples/CPU-s | vs local | CPU µs/sample | server CPU µs/sample |")
-    print("|---|---|---|---|---|---|---|---|")
-    for k, nw, rate, rel, per_cpu, rel_cpu, srv_us in rows:
-        print(f"| {k} | {nw} | {rate:.0f} | {rel:.2f} | {per_cpu:.0f} | {rel_cpu:.2f} | {1e6 / per_cpu:.0f} "
-              f"| {srv_us:.1f} |")
+    print(f"\n{args.num} samples per data set (latents 4x32x32 mean+std fp16 with flipped twin; images 64 px PNG), "
+          f"batch {args.batch_size}, {args.epochs} epochs per run, best of {args.reps} after a warm-up, server: "
+          f"{args.server}\n")
+    print("| data | reader | workers | samples/s | vs local | samples/CPU-s | vs local | CPU µs/sample "
+          "| server CPU µs/sample |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind, k, nw, rate, rel, per_cpu, rel_cpu, srv_us in rows:
+        print(f"| {kind} | {k} | {nw} | {rate:.0f} | {rel:.2f} | {per_cpu:.0f} | {rel_cpu:.2f} "
+              f"| {1e6 / per_cpu:.0f} | {srv_us:.1f} |")
     return 0
 
 

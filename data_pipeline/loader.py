@@ -25,12 +25,20 @@
   count as corrupt); each is logged once (a warning naming it) and listed in ``bad_shards``.
 * An error raised in a DataLoader worker (``NoReadableSamplesError``, ``ShardError``) reaches the training process
   as itself (type, one-line message, attributes), the workers stopped.
+
+Remote specs (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``; :mod:`data_pipeline.remote`): exact mode downloads
+each shard on first use into a local cache (verified against the manifest, LRU-bounded; :mod:`.shard_cache`) and
+reads it as above, so everything above holds, bit for bit the stream of the same shards on local disk; resampled
+mode streams the shards (:mod:`.streaming`; its draws depend on the number of workers, and a resume continues the
+batch count with fresh draws). A shard that cannot be downloaded after the retries is skipped and counted (exact
+mode: its samples replaced, as corrupt ones; resampled: another shard drawn), listed in ``bad_shards`` with its
+redacted URL; shards that keep failing stop the stream with a :class:`RemoteShardError` (a ShardError).
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch

@@ -45,8 +45,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from pathlib import PurePosixPath
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
 from webdataset.gopen import Pipe
 
@@ -488,26 +487,3 @@ class FailureTracker:
 def failure_limit(num_shards: int) -> int:
     """How many distinct shards must fail in a row before a stream gives up (see FailureTracker)."""
     return min(16, max(1, num_shards))
-
-
-def shard_locations(rs: RemoteSpec, names: Sequence[str]) -> List[str]:
-    """The location of each named shard."""
-    return [rs.location(n) for n in names]
-
-
-def short_name(location: str) -> str:
-    """The file name of a shard location (for messages)."""
-    path = _split_query(location)[0]
-    if location.startswith("pipe:"):
-        words = [w for w in shlex.split(path[len("pipe:"):]) if w.endswith(".tar")]
-        path = words[0] if words else path
-    return PurePosixPath(path).name
-
-
-def iter_chunks(reader: io.BufferedReader) -> Iterator[bytes]:
-    """The bytes of an open remote object in chunks of about 1 MiB."""
-    while True:
-        chunk = reader.read(_CHUNK)
-        if not chunk:
-            return
-        yield chunk

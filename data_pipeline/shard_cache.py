@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -134,7 +135,7 @@ class ShardCache:
     def _download(self, shard: int) -> None:
         """One attempt: download into a temporary file, verify, move into the cache; FetchError if it fails."""
         label = redact(self.locations[shard])
-        tmp = self.dir / f".{self.names[shard]}.part-{os.getpid()}"
+        tmp = self.dir / f".{self.names[shard]}.part-{socket.gethostname()}-{os.getpid()}"
         try:
             with open_remote(self.locations[shard], self.opts.timeout) as src:
                 try:
@@ -202,11 +203,13 @@ class ShardCache:
                      evicted, self.max_bytes / 1e9)
 
     def _clean_stale_parts(self) -> None:
-        """Remove partial downloads left by processes that died."""
+        """Remove partial downloads left by processes of this host that died (a cache on a shared filesystem may
+        hold other hosts' downloads in progress)."""
+        mine = f".part-{socket.gethostname()}-"
         with contextlib.suppress(OSError), os.scandir(self.dir) as it:
             for e in it:
-                pid = e.name.rpartition(".part-")[2]
-                if e.name.startswith(".") and ".part-" in e.name and pid.isdigit() and not _pid_alive(int(pid)):
+                pid = e.name.rpartition(mine)[2]
+                if e.name.startswith(".") and mine in e.name and pid.isdigit() and not _pid_alive(int(pid)):
                     with contextlib.suppress(OSError):
                         os.unlink(e.path)
 

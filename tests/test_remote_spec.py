@@ -137,3 +137,42 @@ def test_a_damaged_stream_is_an_error_not_fewer_samples(damage, why):
         _member(tf, "000.cls", b"1")
     with pytest.raises(ValueError, match=why):
         list(iter_tar_samples(io.BytesIO(damage(buf.getvalue()))))
+
+
+def test_basic_auth_comes_from_the_url_or_netrc(tmp_path, monkeypatch):
+    import base64
+    import urllib.parse
+
+    from data_pipeline.remote import _http_auth
+
+    def decoded(url):
+        header = _http_auth(urllib.parse.urlsplit(url))
+        return header and base64.b64decode(header.split()[1]).decode()
+
+    (tmp_path / ".netrc").write_text("machine data.example login me password s3cret\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert decoded("https://u:p%40ss@other.example/x.tar") == "u:p@ss"
+    assert decoded("https://data.example/x.tar") == "me:s3cret"
+    assert decoded("https://nobody.example/x.tar") is None
+
+
+def test_cache_removes_partial_downloads_of_dead_processes_only(tmp_path):
+    import os
+    import socket
+
+    from data_pipeline.remote import RemoteOptions
+    from data_pipeline.shard_cache import ShardCache, dataset_key
+
+    manifest = {"shards": [{"name": "a.tar", "num_samples": 1, "bytes": 1024}]}
+    d = tmp_path / dataset_key("http://h/d/manifest.json", manifest)
+    d.mkdir()
+    host = socket.gethostname()
+    dead, live = d / f".a.tar.part-{host}-999999999", d / f".a.tar.part-{host}-{os.getpid()}"
+    other = d / ".a.tar.part-elsewhere-999999999"  # another host's download in progress (shared filesystem)
+    for p in (dead, live, other):
+        p.write_bytes(b"x")
+    cache = ShardCache("http://h/d", "http://h/d/manifest.json", ["http://h/d/a.tar"], manifest,
+                       RemoteOptions(cache_dir=str(tmp_path)))
+    assert cache.dir == d and not dead.exists() and live.exists() and other.exists()
+    assert not cache.present(0)

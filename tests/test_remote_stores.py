@@ -29,6 +29,13 @@ def same_batches(a, b):
                                     for (x, y), (u, v) in zip(a, b))
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy_for_loopback(monkeypatch):
+    """A proxy set in the environment (CI machines have them) must not carry requests to 127.0.0.1."""
+    for key in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(key, "127.0.0.1,localhost")
+
+
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("stores") / "img"

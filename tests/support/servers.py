@@ -178,7 +178,7 @@ class MotoServer:
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_CONFIG_FILE": str(scratch / "aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(scratch / "aws-creds"),
-            "AWS_EC2_METADATA_DISABLED": "true"}
+            "AWS_EC2_METADATA_DISABLED": "true", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
         self.proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         wait_for_port(self.port, self.proc, "moto_server")
