@@ -8,10 +8,11 @@ manifest: its byte count (when the manifest records it) and its sample count (th
 must end cleanly). A truncated or damaged download is retried and never cached.
 
 The cache is shared by every process that names the same directory (a rank's DataLoader workers, the ranks of a
-node): a lock per shard lets one process download while the others wait for it, and the directory is kept under
-``max_bytes`` by evicting the least recently used shards first (a shard evicted while a reader has it open stays
-readable by that reader; its space is freed when the reader closes it). The data set key is a hash of the
-(redacted) manifest location and the manifest's shard list, so two data sets never share files.
+node): a lock per shard lets one process download while the others wait for it. The directory is kept under
+``max_bytes``, and 5% of its disk (at least 1 GB) is kept free, by evicting the least recently used shards first
+(a shard evicted while a reader has it open stays readable by that reader; its space is freed when the reader
+closes it). The data set key is a hash of the (redacted) manifest location and the manifest's shard list, so two
+data sets never share files.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ class ShardCache:
             (self.dir / ".locks").mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ManifestError(f"{root}: cannot create the shard cache ({err.strerror or err}); set another "
-                                "cache directory (data.cache_dir)") from None
+                                "cache directory (data.remote.cache_dir)") from None
         self.label, self.opts = label, opts
         self.locations = list(locations)
         self.names: List[str] = [s["name"] for s in manifest["shards"]]
@@ -145,7 +146,7 @@ class ShardCache:
                     raise
                 except OSError as err:  # the local disk, not the network: no retry helps
                     raise ShardError(f"{self.dir}: cannot write the shard cache ({err.strerror or err}); free space "
-                                     "or set another cache directory (data.cache_dir)", [self.names[shard]]) from None
+                                     "or set another cache directory (data.remote.cache_dir)", [self.names[shard]]) from None
             problem = self._problem(tmp, shard)
             if problem is not None:
                 raise FetchError(f"{label}: {problem}")
@@ -191,16 +192,21 @@ class ShardCache:
                     entries.append((st.st_mtime, st.st_size, e.path))
         total = sum(size for _, size, _ in entries)
         entries.sort()
+        # the new shard is on disk already (its temporary file); keep 5% of the disk (at least 1 GB) free as well:
+        # a default cache on a small or RAM-backed /tmp must not fill it
+        usage = shutil.disk_usage(self.dir)
+        short = max(1 << 30, usage.total // 20) - usage.free
         evicted = 0
-        while entries and total + incoming > self.max_bytes:
+        while entries and (total + incoming > self.max_bytes or short > 0):
             _, size, path = entries.pop(0)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             total -= size
+            short -= size
             evicted += 1
         if evicted:
-            log.info("shard cache %s: evicted %d least recently used shard(s) to stay under %.3g GB", self.dir,
-                     evicted, self.max_bytes / 1e9)
+            log.info("shard cache %s: evicted %d least recently used shard(s) to stay under %.3g GB and keep %.3g "
+                     "GB free", self.dir, evicted, self.max_bytes / 1e9, max(1 << 30, usage.total // 20) / 1e9)
 
     def _clean_stale_parts(self) -> None:
         """Remove partial downloads left by processes of this host that died (a cache on a shared filesystem may

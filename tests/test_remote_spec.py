@@ -1,10 +1,13 @@
 """Remote shard specs without a server: how a spec names its manifest and shards, credentials redacted everywhere,
 the streaming tar parser against the indexed reader, and one-line errors for specs that cannot work."""
 import io
+import os
 import tarfile
+from collections import namedtuple
 
 import pytest
 
+from data_pipeline import shard_cache
 from data_pipeline.loader import build_stream
 from data_pipeline.locations import is_remote, redact
 from data_pipeline.manifest import ManifestError, load_spec
@@ -176,3 +179,38 @@ def test_cache_removes_partial_downloads_of_dead_processes_only(tmp_path):
                        RemoteOptions(cache_dir=str(tmp_path)))
     assert cache.dir == d and not dead.exists() and live.exists() and other.exists()
     assert not cache.present(0)
+
+
+def test_cache_evicts_to_keep_the_disk_from_filling(tmp_path, monkeypatch):
+    manifest = {"shards": [{"name": f"{k}.tar", "num_samples": 1, "bytes": 10} for k in range(3)]}
+    cache = shard_cache.ShardCache("h", "h/manifest.json", ["h/0.tar", "h/1.tar", "h/2.tar"], manifest,
+                                   RemoteOptions(cache_dir=str(tmp_path)))
+    for k in range(2):
+        (cache.dir / f"{k}.tar").write_bytes(b"x" * 10)
+        os.utime(cache.dir / f"{k}.tar", (1000 + k, 1000 + k))  # 0.tar used least recently
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shard_cache.shutil, "disk_usage", lambda p: usage(100 << 30, 0, 50 << 30))
+    cache._make_room(10, keep="2.tar")  # room to spare: nothing evicted
+    assert sorted(p.name for p in cache.dir.glob("*.tar")) == ["0.tar", "1.tar"]
+    monkeypatch.setattr(shard_cache.shutil, "disk_usage", lambda p: usage(100 << 30, 0, (5 << 30) - 5))
+    cache._make_room(10, keep="2.tar")  # 5 bytes short of 5% free: the least recently used shard goes
+    assert [p.name for p in cache.dir.glob("*.tar")] == ["1.tar"]
+
+
+def test_remote_config_keys_reach_the_training_stream():
+    """`data.remote.*` in a config become the stream's remote options; out-of-range values name the key."""
+    import torch
+
+    from data_pipeline.dist_env import DistInfo
+    from eval.config import ConfigError, load_config
+    from launch.trainer_base import stream_options
+
+    cfg = load_config(None, ["data.shards=http://h/d", "data.remote.timeout=7.5", "data.remote.retries=0",
+                             "data.remote.retry_backoff=0.25", "data.remote.cache_dir=/scratch/c",
+                             "data.remote.cache_max_gb=2"])
+    cpu = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
+    opts = stream_options(cfg, cpu, 4)
+    assert {k: opts[k] for k in ("timeout", "retries", "retry_backoff", "cache_dir", "cache_max_gb")} == dict(
+        timeout=7.5, retries=0, retry_backoff=0.25, cache_dir="/scratch/c", cache_max_gb=2.0)
+    with pytest.raises(ConfigError, match="data.remote.timeout"):
+        load_config(None, ["data.remote.timeout=0"])
