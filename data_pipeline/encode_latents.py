@@ -37,6 +37,7 @@ from data_pipeline import manifest as mf
 from data_pipeline.devices import DeviceLayoutError, configure_tf32, select_device
 from data_pipeline.dist_env import local_world_size, rank_world_from_env
 from data_pipeline.imaging import IMAGE_EXTS, decode_to_array
+from data_pipeline.locations import remote_output_problem
 from data_pipeline.order import mix64
 from data_pipeline.tario import ShardReader, ShardWriter
 from data_pipeline.vae_io import load_vae
@@ -203,6 +204,9 @@ def encode_shards(encode_fn: EncodeFn, in_spec: str | os.PathLike, out_dir: str 
         raise ValueError(f"stored must be one of {sorted(LAYOUTS)}, got {stored!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    problem = remote_output_problem(out_dir)
+    if problem:
+        raise ValueError(problem)
     in_manifest, paths = _image_shards(in_spec)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

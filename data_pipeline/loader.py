@@ -25,42 +25,42 @@
   count as corrupt); each is logged once (a warning naming it) and listed in ``bad_shards``.
 * An error raised in a DataLoader worker (``NoReadableSamplesError``, ``ShardError``) reaches the training process
   as itself (type, one-line message, attributes), the workers stopped.
+
+Remote specs (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``; :mod:`data_pipeline.remote`): exact mode downloads
+each shard on first use into a local cache (verified against the manifest, LRU-bounded; :mod:`.shard_cache`) and
+reads it as above, so everything above holds, bit for bit the stream of the same shards on local disk; resampled
+mode streams the shards (:mod:`.streaming`; its draws depend on the number of workers, and a resume continues the
+batch count with fresh draws). A shard that cannot be downloaded after the retries is skipped and counted (exact
+mode: its samples replaced, as corrupt ones; resampled: another shard drawn), listed in ``bad_shards`` with its
+redacted URL; shards that keep failing stop the stream with a :class:`RemoteShardError` (a ShardError).
 """
 from __future__ import annotations
 
-import ast
 import logging
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import order as order_mod
-from .imaging import IMAGE_EXTS, decode_to_array
+from .decoders import NoReadableSamplesError, make_decoder, replace_corrupt
+from .locations import is_remote
 from .manifest import ManifestError, ShardError, file_problem, load_spec, missing_files, name_list
+from .remote import (FetchError, RemoteOptions, RemoteShardError, parse_remote_spec, read_manifest, redact)
+from .shard_cache import ShardCache
+from .streaming import StreamingMaker
 from .tario import ShardReader
 
-__all__ = ["ManifestError", "NoReadableSamplesError", "STREAM_ERRORS", "ShardError", "ShardStream", "build_stream"]
+__all__ = ["ManifestError", "NoReadableSamplesError", "RemoteShardError", "STREAM_ERRORS", "ShardError",
+           "ShardStream", "build_stream"]
 
 log = logging.getLogger(__name__)
 
 POSITION_VERSION = 1
 _MAX_SHARD_WARNINGS = 20  # per process: a wholly corrupt data set of 10,000 shards must not log 10,000 lines
 _POSITION_KEYS = ("seed", "world_size", "batch_size", "mode", "total", "shuffle_buffer", "flip")
-
-
-class NoReadableSamplesError(RuntimeError):
-    """Every sample a rank tried to read was corrupt: one line naming the rank, the first shards and their count.
-
-    ``shards``: every shard of the rank's epoch (file names); ``rank``, ``epoch``: where it happened.
-    """
-
-    def __init__(self, message: str, shards: Sequence[str] = (), rank: int = 0, epoch: int = 0):
-        super().__init__(message)  # args = (message,): pickles through DataLoader workers with the attributes
-        self.shards: List[str] = list(shards)
-        self.rank, self.epoch = rank, epoch
 
 
 # What iterating a stream can raise about the data, on one rank only (the others may be fine): a trainer carries it
@@ -76,156 +76,16 @@ class _WorkerError:
         self.error = error
 
 
-# ------------------------------------------------------------------------------------------------ decoders
-def _npy_header(head: bytes) -> Tuple[int, np.dtype, Tuple[int, ...]]:
-    """(data offset, dtype, shape) of the .npy file starting with ``head``; raises ValueError if malformed."""
-    if len(head) < 10 or head[:6] != b"\x93NUMPY":
-        raise ValueError("not an .npy member")
-    if head[6] == 1:
-        hlen, start = int.from_bytes(head[8:10], "little"), 10
-    else:
-        hlen, start = int.from_bytes(head[8:12], "little"), 12
-    if start + hlen > len(head):
-        raise ValueError("truncated .npy header")
-    d = ast.literal_eval(head[start:start + hlen].decode("latin1"))
-    if not isinstance(d, dict) or d.get("fortran_order"):
-        raise ValueError("unsupported .npy header")
-    return start + hlen, np.dtype(d["descr"]), tuple(d["shape"])
-
-
-def _output_tensor(shape: Tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 batch; in a DataLoader worker it is allocated in shared memory (as default_collate
-    does), so sending it to the main process costs no copy."""
-    out = torch.empty(shape, dtype=torch.float32)
-    if get_worker_info() is not None:
-        out.share_memory_()
-    return out
-
-
-class _Decoder:
-    """Reads one sample (payload + label) from a shard; subclasses assemble batches."""
-
-    def __init__(self, manifest: Dict[str, Any]):
-        self.num_classes = len(manifest["class_names"])
-
-    def label(self, reader: ShardReader, members: Dict[str, Tuple[int, int]], shard: int) -> int:
-        loc = members.get("cls")
-        if loc is None:
-            if self.num_classes == 0:
-                return 0
-            raise ValueError("missing .cls member")
-        y = int(reader.read(shard, loc[0], loc[1]))
-        if self.num_classes and not 0 <= y < self.num_classes:
-            raise ValueError(f"label {y} outside [0, {self.num_classes})")
-        return y if self.num_classes else 0
-
-    def invalid_rows(self, batch: np.ndarray) -> np.ndarray:
-        """Rows of a filled batch that must be treated as corrupt (none by default)."""
-        return np.zeros(len(batch), dtype=bool)
-
-
-class _ImageDecoder(_Decoder):
-    def __init__(self, manifest: Dict[str, Any]):
-        super().__init__(manifest)
-        self.size = int(manifest["image_size"])
-        self.channels = int(manifest["channels"])
-        first = manifest.get("image_format", "png")
-        self.exts = (first,) + tuple(e for e in IMAGE_EXTS if e != first)
-
-    def new_batch(self, n: int) -> np.ndarray:
-        return np.empty((n, self.size, self.size, self.channels), dtype=np.uint8)
-
-    def read(self, reader: ShardReader, shard: int, members: Dict[str, Tuple[int, int]], flip: bool,
-             out: np.ndarray, i: int) -> None:
-        loc = next((members[e] for e in self.exts if e in members), None)
-        if loc is None:
-            raise ValueError("no image member")
-        arr = decode_to_array(reader.read(shard, loc[0], loc[1]), self.channels, self.size)
-        out[i] = arr[:, ::-1] if flip else arr
-
-    def finish(self, batch: np.ndarray, noise_seed: int) -> torch.Tensor:
-        # numpy, not torch: small tensor ops through torch's thread pool cost milliseconds on a busy CPU
-        n, h, w, c = batch.shape
-        out = _output_tensor((n, c, h, w))
-        x = out.numpy()
-        np.divide(batch.transpose(0, 3, 1, 2), np.float32(127.5), out=x, dtype=np.float32)
-        x -= np.float32(1.0)
-        return out
-
-
-class _LatentDecoder(_Decoder):
-    def __init__(self, manifest: Dict[str, Any]):
-        super().__init__(manifest)
-        lat = manifest["latent"]
-        self.shape = tuple(int(s) for s in lat["shape"])
-        self.stored = lat["stored"]
-        if self.stored not in ("mean_std", "sample"):
-            raise ManifestError(f"latent.stored must be 'mean_std' or 'sample', got {self.stored!r}")
-        # per sample: [2 twins (image, hflip), 2 (mean, std), C, H, W] or [2 twins, C, H, W]
-        self.sample_shape = (2, 2) + self.shape if self.stored == "mean_std" else (2,) + self.shape
-        c = self.shape[0]
-        self.shift = np.asarray(lat["shift"], dtype=np.float32).reshape(c, 1, 1)
-        self.scale = np.asarray(lat["scale"], dtype=np.float32).reshape(c, 1, 1)
-        self.dtype = np.dtype(lat.get("dtype", "float16"))
-        self.twin_bytes = int(np.prod(self.sample_shape[1:])) * self.dtype.itemsize
-        self._shard_header: Dict[int, Tuple[bytes, int]] = {}  # shard -> (header bytes, data offset)
-
-    def new_batch(self, n: int) -> np.ndarray:
-        return np.empty((n,) + self.sample_shape[1:], dtype=self.dtype)
-
-    def _header(self, reader: ShardReader, shard: int, off: int, size: int) -> Tuple[bytes, int]:
-        data_off, dtype, shape = _npy_header(reader.read(shard, off, min(size, 4096)))
-        if dtype != self.dtype or shape != self.sample_shape:
-            raise ValueError(f"latent {dtype}{list(shape)}, the manifest says {self.dtype}{list(self.sample_shape)}")
-        if size != data_off + 2 * self.twin_bytes:
-            raise ValueError(f"latent member of {size} bytes, expected {data_off + 2 * self.twin_bytes}")
-        return reader.read(shard, off, data_off), data_off
-
-    def read(self, reader: ShardReader, shard: int, members: Dict[str, Tuple[int, int]], flip: bool,
-             out: np.ndarray, i: int) -> None:
-        loc = members.get("npy")
-        if loc is None:
-            raise ValueError("no .npy member")
-        off, size = loc
-        known = self._shard_header.get(shard)
-        if known is None:  # learn the shard's (identical) .npy header once, then only compare bytes
-            if len(self._shard_header) > 4096:
-                self._shard_header.clear()
-            known = self._shard_header[shard] = self._header(reader, shard, off, size)
-        header, data_off = known
-        if size != data_off + 2 * self.twin_bytes or reader.read(shard, off, data_off) != header:
-            _, data_off = self._header(reader, shard, off, size)  # an unusual but maybe valid header
-        reader.read_into(shard, off + data_off + int(flip) * self.twin_bytes, memoryview(out[i]).cast("B"))
-
-    def invalid_rows(self, batch: np.ndarray) -> np.ndarray:
-        flat = batch.reshape(len(batch), -1)
-        if flat.dtype == np.float16:  # inf/nan <=> all exponent bits set; much faster than isfinite on fp16
-            return ((flat.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)
-        return ~np.isfinite(flat).all(axis=1)
-
-    def finish(self, batch: np.ndarray, noise_seed: int) -> torch.Tensor:
-        out = _output_tensor((batch.shape[0],) + self.shape)
-        z = out.numpy()
-        if self.stored == "mean_std":
-            torch.randn(out.shape, generator=torch.Generator().manual_seed(noise_seed), out=out)
-            z *= batch[:, 1]
-            z += batch[:, 0]
-        else:
-            z[...] = batch
-        z -= self.shift
-        z *= self.scale
-        return out
-
-
 # ------------------------------------------------------------------------------------------------ batches
 class BatchMaker:
     """Makes batch number ``g`` of the stream (counted over all epochs) from scratch: any process, any order."""
 
     def __init__(self, manifest: Dict[str, Any], paths: List[str], *, seed: int, rank: int, world_size: int,
                  batch_size: int, mode: str, shuffle_buffer: int, flip: bool,
-                 available: Optional[np.ndarray] = None):
+                 available: Optional[np.ndarray] = None, cache: Optional[ShardCache] = None):
         self.manifest = manifest
         self.paths = paths
+        self.cache = cache  # remote shards (exact mode): fetched into this local cache on first use
         self.counts = np.array([s["num_samples"] for s in manifest["shards"]], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
         self.total = int(self.counts.sum())
@@ -233,13 +93,16 @@ class BatchMaker:
         self.batch_size, self.mode, self.shuffle_buffer, self.flip = batch_size, mode, shuffle_buffer, flip
         self.batches_per_epoch = order_mod.batches_per_epoch(self.total, world_size, batch_size)
         self.available = available  # resampled mode: False for shards never drawn (missing on disk)
-        self.reader = ShardReader(paths, expected=self.counts.tolist())
-        self.decoder = _ImageDecoder(manifest) if manifest["kind"] == "image" else _LatentDecoder(manifest)
+        # a cache evicts files that readers may still hold open: fewer open descriptors bound the space they keep
+        self.reader = ShardReader(paths, expected=self.counts.tolist(), max_open=64 if cache is None else 8,
+                                  fetch=None if cache is None else cache.fetch)
+        self.decoder = make_decoder(manifest)
         self._cached_epoch: Optional[int] = None
         self._cached_order: Optional[np.ndarray] = None
         self._warned: set = set()
         self._bad: Dict[int, str] = {}  # resampled mode: shards found short or damaged by this process
         self._new_bad: List[Tuple[str, str]] = []  # ... and not yet reported with a batch
+        self._fetch_noted: set = set()  # remote shards whose failed download this process reported
 
     def order(self, epoch: int) -> np.ndarray:
         """Global sample ids of this rank's epoch, in batch order (cached for the current epoch)."""
@@ -257,7 +120,8 @@ class BatchMaker:
         shards = self._locate(self.order(epoch))[0]
         _, first = np.unique(shards, return_index=True)
         for shard in shards[np.sort(first)][:self.reader.max_indexed].tolist():  # in the order they are read
-            self.reader.index(shard)
+            if self.cache is None or self.cache.present(shard):  # downloads are left to the workers
+                self.reader.index(shard)
 
     def _locate(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         shard = np.searchsorted(self.offsets, ids, side="right") - 1
@@ -288,6 +152,11 @@ class BatchMaker:
             return label
         except ShardError:
             raise
+        except FetchError as err:  # a remote shard that could not be downloaded: its samples count as corrupt
+            if shard not in self._fetch_noted:
+                self._fetch_noted.add(shard)
+                self._new_bad.append((os.path.basename(self.paths[shard]), f"download failed ({err})"))
+            return None
         except Exception as err:  # any decode failure is a corrupt sample, never a crash
             if shard not in self._warned:  # one warning per shard and process; the stream counts them all
                 self._warned.add(shard)
@@ -303,6 +172,8 @@ class BatchMaker:
         (name, reason) pairs: resampled mode only, usually empty) of batch ``g``."""
         epoch, j = divmod(g, self.batches_per_epoch)
         order = self.order(epoch)
+        if self.cache is not None:
+            self.cache.start_epoch(epoch)
         b = self.batch_size
         ids = order[j * b:(j + 1) * b]
         flips = order_mod.flip_bits(self.seed, epoch, ids) if self.flip else np.zeros(len(ids), dtype=bool)
@@ -327,16 +198,19 @@ class BatchMaker:
             if not good:
                 self._rescue(epoch, j, out, labels)
                 good = [0]
-            good_set = set(good)
-            for n, i in enumerate(k for k in range(b) if k not in good_set):
-                src = good[n % len(good)]
-                out[i] = out[src]
-                labels[i] = labels[src]
+            replace_corrupt(out, labels, good)
         x = self.decoder.finish(out, order_mod.noise_seed(self.seed, epoch, self.rank, j))
         new_bad: Tuple[Tuple[str, str], ...] = ()
         if self._new_bad:
             new_bad, self._new_bad = tuple(self._new_bad), []
         return x, torch.from_numpy(labels), corrupt, new_bad
+
+    def batches(self, start: int, worker: int, num_workers: int) -> Iterator[Any]:
+        """Batches start + worker, start + worker + num_workers, ... (a DataLoader worker's share)."""
+        g = start + worker
+        while True:
+            yield self.batch(g)
+            g += num_workers
 
     def _rescue(self, epoch: int, j: int, out: np.ndarray, labels: np.ndarray) -> None:
         """Fill slot 0 with the next readable sample of the epoch order after batch j, or raise."""
@@ -356,10 +230,13 @@ class BatchMaker:
             f"of epoch {epoch} are corrupt)", shards=names, rank=self.rank, epoch=epoch)
 
 
-class _BatchDataset(IterableDataset):
-    """Batches start, start+1, ... of a BatchMaker, split round-robin over DataLoader workers."""
+Maker = Union[BatchMaker, StreamingMaker]
 
-    def __init__(self, maker: BatchMaker, start: int):
+
+class _BatchDataset(IterableDataset):
+    """Batches start, start+1, ... of a maker, split round-robin over DataLoader workers."""
+
+    def __init__(self, maker: Maker, start: int):
         super().__init__()
         self.maker = maker
         self.start = start
@@ -367,56 +244,49 @@ class _BatchDataset(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        g = self.start + wid
+        batches = self.maker.batches(self.start, wid, nw)
         while True:
             try:
-                item = self.maker.batch(g)
+                item = next(batches)
             except STREAM_ERRORS as err:
                 if info is None:
                     raise
-                yield _WorkerError(err)  # in place of batch g: raised when the stream reaches it
+                yield _WorkerError(err)  # in place of the next batch: raised when the stream reaches it
                 return
             yield item
-            g += nw
 
 
 # ------------------------------------------------------------------------------------------------ stream
 class ShardStream:
     """An endless, resumable stream of ``(x, y)`` batches for one rank (see module docstring).
 
-    ``unavailable``: shard numbers missing on disk (resampled mode only: they are never drawn). Counters for the
-    trainer: ``corrupt_count`` (samples replaced since the run began, carried by ``position()``), ``bad_shards``
-    (resampled mode: file name -> why it was skipped) and ``bad_shard_count``.
+    Made by :func:`build_stream` from a maker of batches: a :class:`BatchMaker` (local shards, or remote shards
+    through a local cache in exact mode) or a ``StreamingMaker`` (remote shards streamed, resampled mode). Counters
+    for the trainer: ``corrupt_count`` (samples replaced since the run began, carried by ``position()``),
+    ``bad_shards`` (file name -> why it was skipped: resampled mode, and remote shards that failed to download)
+    and ``bad_shard_count``.
     """
 
-    def __init__(self, manifest: Dict[str, Any], paths: List[str], *, batch_size: int, rank: int,
-                 world_size: int, num_workers: int, seed: int, mode: str, shuffle_buffer: int, flip: bool,
+    def __init__(self, manifest: Dict[str, Any], maker: Maker, *, mode: str, num_workers: int,
                  position: Optional[Dict[str, Any]] = None, pin_memory: bool = False, prefetch_factor: int = 2,
-                 unavailable: Sequence[int] = ()):
-        if len(unavailable) and mode != "resampled":
-            raise ValueError("only resampled mode can skip shards that are missing on disk")
-        available = None
-        if len(unavailable):
-            available = np.ones(len(paths), dtype=bool)
-            available[list(unavailable)] = False
-        self.manifest = manifest
-        self.maker = BatchMaker(manifest, paths, seed=seed, rank=rank, world_size=world_size,
-                                batch_size=batch_size, mode=mode, shuffle_buffer=shuffle_buffer, flip=flip,
-                                available=available)
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.num_workers, self.seed, self.mode = num_workers, seed, mode
-        self.shuffle_buffer, self.flip = shuffle_buffer, flip
+                 bad_shards: Optional[Dict[str, str]] = None):
+        self.manifest, self.maker, self.mode = manifest, maker, mode
+        self.batch_size, self.rank, self.world_size = maker.batch_size, maker.rank, maker.world_size
+        self.num_workers, self.seed = num_workers, maker.seed
+        self.shuffle_buffer, self.flip = maker.shuffle_buffer, maker.flip
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.batches_per_epoch = self.maker.batches_per_epoch
         self.total = self.maker.total
         self._consumed = 0
         self.corrupt_count = 0
         self._epoch_corrupt = 0  # corrupt samples of the current epoch (logged when it ends)
-        self.bad_shards: Dict[str, str] = {os.path.basename(paths[i]): "missing on disk" for i in unavailable}
+        self.bad_shards: Dict[str, str] = dict(bad_shards or {})
         self._loader_iter = None
+        self._batches: Optional[Iterator[Any]] = None  # the batches of an iteration without workers
         if position is not None:
             self._restore(position)
-        self._check_sizes()
+        if isinstance(maker, BatchMaker) and maker.cache is None:
+            self._check_sizes()
 
     # -- bookkeeping
     @property
@@ -480,7 +350,9 @@ class ShardStream:
     def _note_bad(self, name: str, why: str) -> None:
         if name not in self.bad_shards:
             self.bad_shards[name] = why
-            log.warning("rank %d: %s: %s; skipped (resampled mode), %d bad shard(s) so far", self.rank, name, why,
+            what = "skipped (resampled mode)" if self.mode == "resampled" else \
+                "its samples are replaced by others and counted as corrupt this epoch"
+            log.warning("rank %d: %s: %s; %s, %d bad shard(s) so far", self.rank, name, why, what,
                         len(self.bad_shards))
 
     def _account(self, corrupt: int, new_bad: Tuple[Tuple[str, str], ...]) -> None:
@@ -502,8 +374,9 @@ class ShardStream:
         (``NoReadableSamplesError``, ``ShardError``) is raised as itself, also from a worker, the workers stopped."""
         self.close()
         if self.num_workers == 0:
+            self._batches = batches = self.maker.batches(self._consumed, 0, 1)
             while True:
-                x, y, bad, new_bad = self.maker.batch(self._consumed)
+                x, y, bad, new_bad = next(batches)
                 self._account(bad, new_bad)
                 if self.pin_memory:  # what the DataLoader's pinning thread does with workers
                     x, y = x.pin_memory(), y.pin_memory()
@@ -525,7 +398,13 @@ class ShardStream:
             raise
 
     def close(self) -> None:
-        """Stop DataLoader workers (they are restarted by the next ``iter()``)."""
+        """Stop DataLoader workers and downloads in progress (they are restarted by the next ``iter()``)."""
+        batches, self._batches = self._batches, None
+        if batches is not None and hasattr(batches, "close"):
+            try:
+                batches.close()
+            except ValueError:  # closed from inside its own iteration: it ends with it
+                pass
         it, self._loader_iter = self._loader_iter, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
@@ -537,15 +416,73 @@ class ShardStream:
             pass
 
 
+def _missing_shards(manifest: Dict[str, Any], paths: List[str], mode: str, rank: int) -> List[int]:
+    """Shards listed in the manifest but missing on disk, from one listing of the shard directory on every rank
+    (all ranks decide alike): a ShardError in exact mode or when none is left, else a warning."""
+    missing = missing_files(paths)
+    if not missing:
+        return missing
+    names = [os.path.basename(paths[i]) for i in missing]
+    where = os.path.join(os.path.dirname(paths[0]), "manifest.json")
+    gone = set(missing)
+    left = sum(1 for i, s in enumerate(manifest["shards"]) if s["num_samples"] > 0 and i not in gone)
+    if mode == "exact" or left == 0:
+        what = (f"{paths[missing[0]]}: listed in {where} but missing on disk" if len(missing) == 1 else
+                f"{len(missing)} of the {len(paths)} shards listed in {where} are missing on disk: "
+                f"{name_list(names)}")
+        them = "it" if len(missing) == 1 else "them"
+        hint = (f"; restore {them}, remake the shards, or name the present ones with a brace pattern (resampled "
+                f"mode skips {them})" if mode == "exact" else "; no shard is left to draw from")
+        raise ShardError(what + hint, names)
+    log.warning("rank %d: %d of the %d shards listed in %s are missing on disk and are skipped (resampled "
+                "mode): %s", rank, len(missing), len(paths), where, name_list(names))
+    return missing
+
+
+def _local_maker(manifest: Dict[str, Any], paths: List[str], common: Dict[str, Any],
+                 bad_shards: Dict[str, str]) -> BatchMaker:
+    missing = _missing_shards(manifest, paths, common["mode"], common["rank"])
+    available = None
+    if missing:
+        available = np.ones(len(paths), dtype=bool)
+        available[missing] = False
+        bad_shards.update((os.path.basename(paths[i]), "missing on disk") for i in missing)
+    return BatchMaker(manifest, paths, available=available, **common)
+
+
+def _remote_maker(spec: str, common: Dict[str, Any], opts: RemoteOptions) -> Tuple[Dict[str, Any], Maker]:
+    rs = parse_remote_spec(spec)
+    manifest = read_manifest(rs, opts)
+    _check_batches(rs.label, manifest, common)
+    locations = [rs.location(s["name"]) for s in manifest["shards"]]
+    if common["mode"] == "resampled":
+        kw = {k: v for k, v in common.items() if k != "mode"}
+        return manifest, StreamingMaker(manifest, rs.label, locations, opts=opts, **kw)
+    cache = ShardCache(rs.label, redact(rs.manifest_location), locations, manifest, opts)
+    return manifest, BatchMaker(manifest, cache.paths, cache=cache, **common)
+
+
+def _check_batches(label: str, manifest: Dict[str, Any], common: Dict[str, Any]) -> None:
+    world_size, batch_size = common["world_size"], common["batch_size"]
+    if order_mod.batches_per_epoch(manifest["total"], world_size, batch_size) < 1:
+        raise ManifestError(f"{label}: {manifest['total']} samples cannot give each of {world_size} ranks one "
+                            f"batch of {batch_size}")
+
+
 def build_stream(spec: str | os.PathLike, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, mode: str = "exact", shuffle_buffer: int = 1000,
                  flip: bool = True, position: Optional[Dict[str, Any]] = None, pin_memory: bool = False,
-                 prefetch_factor: int = 2) -> ShardStream:
-    """The training stream of shard spec ``spec`` (a directory with manifest.json, a manifest path, or a brace
-    pattern of shards) for ``rank`` of ``world_size``; see the module docstring for the guarantees.
+                 prefetch_factor: int = 2, timeout: float = 60.0, retries: int = 3, retry_backoff: float = 1.0,
+                 cache_dir: Optional[str] = None, cache_max_gb: float = 100.0) -> ShardStream:
+    """The training stream of shard spec ``spec`` for ``rank`` of ``world_size``; see the module docstring for the
+    guarantees. ``spec``: a directory with manifest.json, a manifest path, or a brace pattern of shards; or a
+    remote spec (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``; see :mod:`data_pipeline.remote`): resampled
+    mode streams those shards, exact mode reads them from a local cache (``cache_dir``, at most ``cache_max_gb``,
+    see :mod:`data_pipeline.shard_cache`). Remote reads wait at most ``timeout`` seconds for data and are retried
+    ``retries`` times (backoff from ``retry_backoff`` seconds, doubling).
 
     Raises ManifestError (ShardError for shards missing on disk or of the wrong size: exact mode, or resampled
-    mode with no shard left) in one line naming the file."""
+    mode with no shard left) in one line naming the file; remote specs: a manifest that cannot be read likewise."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
@@ -554,29 +491,17 @@ def build_stream(spec: str | os.PathLike, *, batch_size: int, rank: int = 0, wor
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if mode not in ("exact", "resampled"):
         raise ValueError(f"mode must be 'exact' or 'resampled', got {mode!r}")
-    manifest, paths = load_spec(spec)
-    bpe = order_mod.batches_per_epoch(manifest["total"], world_size, batch_size)
-    if bpe < 1:
-        raise ManifestError(f"{spec}: {manifest['total']} samples cannot give each of {world_size} ranks one batch "
-                            f"of {batch_size}")
-    # One listing of the shard directory, on every rank: all ranks see the same missing files and decide alike.
-    missing = missing_files(paths)
-    if missing:
-        names = [os.path.basename(paths[i]) for i in missing]
-        where = os.path.join(os.path.dirname(paths[0]), "manifest.json")
-        gone = set(missing)
-        left = sum(1 for i, s in enumerate(manifest["shards"]) if s["num_samples"] > 0 and i not in gone)
-        if mode == "exact" or left == 0:
-            what = (f"{paths[missing[0]]}: listed in {where} but missing on disk" if len(missing) == 1 else
-                    f"{len(missing)} of the {len(paths)} shards listed in {where} are missing on disk: "
-                    f"{name_list(names)}")
-            them = "it" if len(missing) == 1 else "them"
-            hint = (f"; restore {them}, remake the shards, or name the present ones with a brace pattern (resampled "
-                    f"mode skips {them})" if mode == "exact" else "; no shard is left to draw from")
-            raise ShardError(what + hint, names)
-        log.warning("rank %d: %d of the %d shards listed in %s are missing on disk and are skipped (resampled "
-                    "mode): %s", rank, len(missing), len(paths), where, name_list(names))
-    return ShardStream(manifest, paths, batch_size=batch_size, rank=rank, world_size=world_size,
-                       num_workers=num_workers, seed=seed, mode=mode, shuffle_buffer=shuffle_buffer, flip=flip,
-                       position=position, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
-                       unavailable=missing if mode == "resampled" else ())
+    common = dict(seed=seed, rank=rank, world_size=world_size, batch_size=batch_size, mode=mode,
+                  shuffle_buffer=shuffle_buffer, flip=flip)
+    bad_shards: Dict[str, str] = {}
+    if is_remote(spec):
+        opts = RemoteOptions(timeout=timeout, retries=retries, retry_backoff=retry_backoff, cache_dir=cache_dir,
+                             cache_max_gb=cache_max_gb)
+        opts.check()
+        manifest, maker = _remote_maker(os.fspath(spec), common, opts)
+    else:
+        manifest, paths = load_spec(spec)
+        _check_batches(str(spec), manifest, common)
+        maker = _local_maker(manifest, paths, common, bad_shards)
+    return ShardStream(manifest, maker, mode=mode, num_workers=num_workers, position=position,
+                       pin_memory=pin_memory, prefetch_factor=prefetch_factor, bad_shards=bad_shards)

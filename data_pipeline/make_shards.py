@@ -30,6 +30,7 @@ from PIL import Image
 from data_pipeline import manifest as mf
 from data_pipeline.dist_env import rank_world_from_env
 from data_pipeline.imaging import MODES, center_crop_arr, encode_image, load_image
+from data_pipeline.locations import remote_output_problem
 from data_pipeline.sources import Item, SourceError, celeba_items, folder_items, mnist_items, select_split
 from data_pipeline.tario import ShardWriter
 
@@ -134,6 +135,9 @@ def make_shards(source: str, out: str | os.PathLike, *, image_size: Optional[int
     if not 0 <= rank < world_size:
         raise SourceError(f"--rank {rank} is not in [0, --world-size {world_size})")
     name = name or ("data" if split == "all" else split)
+    problem = remote_output_problem(out)
+    if problem:
+        raise SourceError(problem)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mf.clear_stale(out, rank, world_size)

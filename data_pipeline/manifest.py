@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from data_pipeline.files import atomic_write_json
+from data_pipeline.locations import is_remote, redact
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ def load_spec(spec: str | os.PathLike) -> Tuple[Dict[str, Any], List[str]]:
     With a brace pattern the manifest is restricted to the named shards (``total`` recomputed).
     """
     spec = os.fspath(spec)
+    if is_remote(spec):
+        raise ManifestError(f"{redact(spec)}: remote shards are read by the training stream only; copy them to a "
+                            "local directory for this tool")
     p = Path(spec)
     subset: Optional[List[str]] = None
     if p.is_dir():
@@ -129,14 +133,21 @@ def load_spec(spec: str | os.PathLike) -> Tuple[Dict[str, Any], List[str]]:
         raise ManifestError(f"{mpath}: unreadable manifest ({err})") from None
     validate_manifest(manifest, str(mpath))
     if subset is not None:
-        by_name = {s["name"]: s for s in manifest["shards"]}
-        missing = [n for n in subset if n not in by_name]
-        if missing:
-            raise ManifestError(f"{mpath}: shards {missing[:3]} of {spec} are not in the manifest")
-        manifest = dict(manifest, shards=[by_name[n] for n in subset])
-        manifest["total"] = sum(s["num_samples"] for s in manifest["shards"])
+        manifest = restrict_manifest(manifest, subset, str(mpath), spec)
     paths = [str(mpath.parent / s["name"]) for s in manifest["shards"]]
     return manifest, paths
+
+
+def restrict_manifest(manifest: Dict[str, Any], names: Sequence[str], where: str, spec: str) -> Dict[str, Any]:
+    """``manifest`` restricted to the shards ``names`` (a brace pattern's), ``total`` recomputed; ManifestError
+    naming ``where`` if one of them is not in it."""
+    by_name = {s["name"]: s for s in manifest["shards"]}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ManifestError(f"{where}: shards {missing[:3]} of {spec} are not in the manifest")
+    manifest = dict(manifest, shards=[by_name[n] for n in names])
+    manifest["total"] = sum(s["num_samples"] for s in manifest["shards"])
+    return manifest
 
 
 def validate_manifest(manifest: Any, where: str) -> None:

@@ -98,6 +98,17 @@ class DiffusionConfig:
 
 
 @dataclass
+class RemoteDataConfig:
+    """How shards behind a remote spec (http(s)://, s3://, gs://, pipe:) are read (data_pipeline/remote.py)."""
+
+    timeout: float = bounded(60.0, 0, 86400, lo_open=True)  # seconds a download may go without data before it is abandoned
+    retries: int = bounded(3, 0, 100)  # further attempts after a failed download, then the shard is skipped and counted
+    retry_backoff: float = bounded(1.0, 0, 3600)  # seconds before the first retry (doubling, at most 30 s)
+    cache_dir: Optional[str] = None  # exact mode's local shard cache (None: $TMPDIR/ditstack-shard-cache-<uid>, node-local on most clusters)
+    cache_max_gb: float = bounded(100.0, 0, 10**6, lo_open=True)  # exact mode: least recently used shards evicted above this
+
+
+@dataclass
 class DataConfig:
     """Where the shards are and how they are streamed."""
 
@@ -107,6 +118,7 @@ class DataConfig:
     num_workers: int = bounded(2, 0, 256)  # DataLoader worker processes per rank (0: decode in the training process)
     shuffle_buffer: int = bounded(1000, 0, 10**6, why="samples held in memory per rank")  # samples mixed across shards within a rank's stream
     flip: bool = True  # random horizontal flips (latents: the stored flipped twin)
+    remote: RemoteDataConfig = field(default_factory=RemoteDataConfig)  # remote specs: timeouts, retries, exact-mode cache
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -66,7 +67,7 @@ def stream_options(cfg: Config, info: DistInfo, micro_batch: int) -> dict[str, A
     device are asynchronous (from pageable memory a copy waits for the device to reach it)."""
     return dict(batch_size=micro_batch, rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
                 seed=cfg.train.seed, mode=cfg.data.mode, shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.flip,
-                pin_memory=info.device.type == "cuda")
+                pin_memory=info.device.type == "cuda", **dataclasses.asdict(cfg.data.remote))
 
 
 class TrainerBase(abc.ABC):

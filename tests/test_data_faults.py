@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from data_pipeline import order
-from data_pipeline.loader import NoReadableSamplesError, ShardError, build_stream
+from data_pipeline.loader import NoReadableSamplesError, RemoteShardError, ShardError, build_stream
 from data_pipeline.manifest import MANIFEST_NAME, ManifestError
 from data_pipeline.synthetic import ids_from_images, write_image_shards
 from data_pipeline.tario import index_tar
@@ -178,7 +178,8 @@ def test_all_corrupt_with_workers_is_one_line_in_the_main_process(tmp_path):
 
 
 def test_data_errors_survive_pickling_with_their_attributes():
-    for err in (NoReadableSamplesError("m", shards=["a.tar"], rank=3, epoch=2), ShardError("m", ["b.tar"])):
+    for err in (NoReadableSamplesError("m", shards=["a.tar"], rank=3, epoch=2), ShardError("m", ["b.tar"]),
+                RemoteShardError("m", ["c.tar", "d.tar"])):
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is type(err) and str(back) == "m" and back.__dict__ == err.__dict__
 

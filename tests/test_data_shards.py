@@ -180,3 +180,16 @@ def test_make_shards_bad_numbers_are_one_line_naming_the_flag(flag, value, tmp_p
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and flag in lines[0] and value in lines[0], proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("out", ["s3://bucket/mnist", "https://user:pw@h.example/up?token=abc", "pipe:cat > x"])
+def test_remote_output_is_refused_with_the_upload_command(out, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a URL taken for a path would create directories here
+    assert make_shards_main(["--source", "mnist", "--out", out, "--max-samples", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "shards are written to a local directory" in err and "aws s3 sync" in err
+    assert "pw" not in err and "abc" not in err and list(tmp_path.iterdir()) == []
+    from data_pipeline.encode_latents import encode_shards
+
+    with pytest.raises(ValueError, match="shards are written to a local directory"):
+        encode_shards(lambda x: (x, x), str(tmp_path), out)
