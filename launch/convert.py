@@ -129,6 +129,7 @@ def convert(source: str, in_path: Path, *, model: Optional[str], num_heads: Opti
     if not in_path.exists():
         raise CLIError(f"{in_path}: no such file or directory")
     if model is not None:
+        model = "DiT-" + model[len("SiT-"):] if model.startswith("SiT-") else model  # the same architectures
         try:
             preset = preset_kwargs(model)
         except KeyError as exc:
@@ -250,8 +251,10 @@ def export_problem(weights: Path, meta: dict[str, Any]) -> Optional[str]:
     return None
 
 
-def _output_problem(out: Path, force: bool) -> Optional[str]:
-    """What stops writing the pipeline directory `out` (None if nothing)."""
+def _output_problem(out: Path, weights: Path, force: bool) -> Optional[str]:
+    """What stops writing the pipeline directory `out` from the checkpoint file `weights` (None if nothing)."""
+    if out.resolve() in weights.resolve().parents:  # --force would delete the checkpoint being exported
+        return f"--out {out}: holds the checkpoint being exported ({weights}); choose another directory"
     if out.exists() and not out.is_dir():
         return f"--out {out}: exists and is not a directory"
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -296,9 +299,11 @@ def _model_notes(kwargs: dict[str, Any]) -> list[str]:
     """What differs between the model in diffusers and in ditstack (for the log)."""
     notes = []
     if float(kwargs.get("timestep_freq_shift", 0.0)) != 1.0:
-        notes.append("diffusers' DiT computes its timestep frequencies with shift 1; this model was trained with "
-                     f"shift {kwargs.get('timestep_freq_shift', 0.0)} (the official DiT's), so its outputs in diffusers "
-                     "differ a little from ours (as for facebook/DiT-XL-2-256)")
+        shift = kwargs.get("timestep_freq_shift", 0.0)
+        notes.append(f"diffusers' DiT computes its timestep frequencies with shift 1 (exponent i/127); this model "
+                     f"was trained with shift {shift} (i/128, the official DiT's), so in diffusers it sees other "
+                     f"timestep features, the more so the larger t, and its samples differ from ours (as for the "
+                     f"official weights in facebook/DiT-XL-2-256)")
     classes = int(kwargs.get("num_classes", 1000))
     if not kwargs.get("class_dropout_prob", 0.1):
         notes.append("trained without a null class (class_dropout_prob 0): its label table gets a zero row; "
@@ -323,7 +328,7 @@ def _checkpoint_weights(weights: Path, kwargs: dict[str, Any]) -> dict[str, torc
     if wrong:
         raise CLIError(f"{weights}: weights do not match the DiT in its metadata ({wrong[:3]})")
     table = sd["y_embedder.embedding_table.weight"]
-    if table.shape[0] == int(kwargs["num_classes"]):  # no null class: diffusers' label table always has one
+    if table.shape[0] == int(kwargs.get("num_classes", 1000)):  # no null class: diffusers' label table always has one
         sd["y_embedder.embedding_table.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])])
     return ours_to_diffusers(sd)
 
@@ -361,7 +366,7 @@ def _write_index(tmp: Path, weights: Path, meta: dict[str, Any], vae: Optional[P
     atomic_write_json(tmp / "scheduler" / "scheduler_config.json",
                       {"_class_name": "DDIMScheduler", "_diffusers_version": version,
                        **diffusers_scheduler_config(meta["diffusion"])})
-    classes = int(meta["model"]["num_classes"])
+    classes = int(meta["model"].get("num_classes", 1000))
     names = list((meta.get("data") or {}).get("class_names") or [])
     id2label = {str(i): str(names[i]) if i < len(names) else str(i) for i in range(classes)}
     latent = meta.get("latent") or {}
@@ -393,21 +398,22 @@ def export_diffusers(ckpt: str, out: Path, *, vae: Optional[str] = None, force: 
         weights, meta = read_checkpoint_meta(ckpt)
     except InferenceError as exc:
         raise CLIError(str(exc)) from None
-    problem = export_problem(weights, meta) or _output_problem(out, force)
+    problem = export_problem(weights, meta) or _output_problem(out, weights, force)
     if problem:
         raise CLIError(problem)
     vae_dir, scaling, notes = _vae_source(meta, vae)
     if importlib.util.find_spec("diffusers") is None:
         raise CLIError("--to diffusers needs the diffusers package (pip install diffusers)")
     sd = _checkpoint_weights(weights, meta["model"])
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    final = Path(os.path.abspath(out))  # "." and "dir/" have a name to put the temporary directory beside
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_transformer(sd, meta["model"], tmp / "transformer")
         if vae_dir is not None:
             _write_vae(vae_dir, scaling, int(meta["model"].get("in_channels", 4)), tmp / "vae")
         _write_index(tmp, weights, meta, vae_dir)
-        _publish(tmp, out)
+        _publish(tmp, final)
     except OSError as exc:
         raise CLIError(f"--out {out}: cannot write ({exc.strerror or exc})") from exc
     finally:
@@ -424,9 +430,9 @@ def _parser() -> OneLineParser:
     ap = OneLineParser(description="Convert official/SiT/diffusers DiT checkpoints to ditstack safetensors, or a "
                                    "ditstack checkpoint to a diffusers DiTPipeline directory.")
     way = ap.add_mutually_exclusive_group(required=True)
-    way.add_argument("--from", dest="source", choices=["official", "sit", "diffusers"], help="import IN")
+    way.add_argument("--from", dest="source", choices=["official", "sit", "diffusers"], help="import IN (a checkpoint of that kind)")
     way.add_argument("--to", dest="target", choices=["diffusers"], help="export the ditstack checkpoint IN")
-    ap.add_argument("input", help="--from: checkpoint file (.pt/.pth/.safetensors) or diffusers model directory; "
+    ap.add_argument("input", metavar="IN", help="--from: checkpoint file (.pt/.pth/.safetensors) or diffusers model directory; "
                                   "--to: run directory, checkpoint directory or consolidated .safetensors")
     ap.add_argument("--out", required=True, help="--from: output .safetensors; --to: output directory")
     ap.add_argument("--force", action="store_true", help="--to: replace an existing non-empty --out directory")

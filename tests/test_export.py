@@ -129,7 +129,8 @@ def test_exported_transformer_gives_our_outputs(tmp_path, shift, caplog):
     assert index["_class_name"] == "DiTPipeline" and index["vae"] == [None, None]  # pixel space: no VAE
     assert index["id2label"] == {str(i): f"class {i}" for i in range(CLASSES)}
     assert "pixel-space" in caplog.text and "null class" in caplog.text  # 10 classes: DiTPipeline's label 1000
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "run"] if shift == 0.0 else ["ema.safetensors", "pipe"]
+    left = ["pipe", "run"] if shift == 0.0 else ["ema.safetensors", "pipe"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == left  # no temporary directory left behind
 
 
 @pytest.mark.parametrize("diffusion", [GAUSSIAN, {"noise_schedule": "cosine", "diffusion_steps": 1000,
@@ -212,6 +213,9 @@ def test_export_refusals_one_line_exit_2(tmp_path, capsys):
         capsys.readouterr()
         assert main(["--to", "diffusers", str(good), "--out", str(tmp_path / "out"), *args]) == 2, args
         assert msg in one_error_line(capsys), args
+    assert main(["--to", "diffusers", str(good), "--out", str(tmp_path), "--force"]) == 2
+    assert "holds the checkpoint being exported" in one_error_line(capsys)
+    assert good.is_file()
     assert main(["--from", "official", str(good), "--out", str(tmp_path / "x.safetensors"), "--force"]) == 2
     assert "--force: only with --to" in one_error_line(capsys)
     assert main(["--to", "diffusers", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
