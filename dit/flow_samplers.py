@@ -49,7 +49,7 @@ def _check_args(sampler: str, steps: int, shift: float, atol: float, rtol: float
         _positive(name, value)
     if last_step not in SDE_LAST_STEPS:
         raise ValueError(f"unknown last_step {last_step!r}; valid: {', '.join(SDE_LAST_STEPS)}")
-    _positive("last_step_size", last_step_size)
+    _positive("last_step_size", last_step_size, allow_zero=last_step == "none")  # unused without a last step
     if last_step_size >= 1:
         raise ValueError(f"last_step_size must be < 1, got {last_step_size!r}")
     _positive("diffusion_norm", diffusion_norm, allow_zero=True)

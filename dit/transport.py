@@ -127,9 +127,10 @@ class Transport:
         if prediction == "velocity" and loss_weight == "likelihood":
             raise ValueError("loss_weight 'likelihood' needs prediction 'noise' or 'score' (its weight on the "
                              "velocity error is unbounded near t = 1)")
-        if not (isinstance(logit_mean, (int, float)) and math.isfinite(logit_mean)):
+        if isinstance(logit_mean, bool) or not (isinstance(logit_mean, (int, float)) and math.isfinite(logit_mean)):
             raise ValueError(f"logit_mean must be a finite number, got {logit_mean!r}")
-        if not (isinstance(logit_std, (int, float)) and math.isfinite(logit_std) and logit_std > 0):
+        if isinstance(logit_std, bool) or not (isinstance(logit_std, (int, float)) and math.isfinite(logit_std)
+                                               and logit_std > 0):
             raise ValueError(f"logit_std must be a finite number > 0, got {logit_std!r}")
         default_train, default_sample = _default_eps(path, prediction)
         self.train_eps = _check_eps("train_eps", default_train if train_eps is None else train_eps)
@@ -184,7 +185,9 @@ class Transport:
     def sampling_interval(self, sde: bool = False, last_step_size: float = 0.0) -> Tuple[float, float]:
         """(t0, t1) that a sampler integrates over (SiT's choice per path and prediction, with sample_eps).
 
-        An SDE sampler with a last step ends at ``1 - last_step_size`` (the last step then jumps to t = 1).
+        The velocity prediction on the linear and GVP paths is finite everywhere: its ODE runs over all of [0, 1]
+        whatever sample_eps (as in SiT). An SDE sampler with a last step ends at ``1 - last_step_size`` (the last
+        step then jumps to t = 1).
         """
         eps = self.sample_eps
         t1 = 1.0 - last_step_size if (sde and last_step_size > 0) else 1.0 - eps
