@@ -260,9 +260,9 @@ def diffusers_scheduler_config(diffusion: Mapping[str, Any]) -> dict[str, Any]:
     DPMSolverMultistepScheduler cut the latents to 3 channels. A fixed-variance model gets its own ("fixed_large",
     our default, or "fixed_small" with sigma_small).
     """
-    objective = diffusion.get("objective")
-    if objective not in GAUSSIAN_OBJECTIVES:
-        raise ConversionError(f"diffusion objective {objective!r} has no diffusers scheduler (Gaussian diffusion only)")
+    objective = diffusion.get("objective", "ddpm")  # absent: DDPM (see dit/processes.py)
+    if objective != "ddpm":
+        raise ConversionError(f"diffusion objective {objective!r} has no diffusers scheduler (DDPM only)")
     schedule = diffusion.get("noise_schedule", "linear")
     prediction = diffusion.get("prediction", "eps")
     if schedule not in _BETA_SCHEDULES:

@@ -37,12 +37,12 @@ from data_pipeline.checks import OneLineParser, Range, guide_channels_arg, numbe
 from data_pipeline.devices import DeviceLayoutError, configure_tf32, select_device
 from data_pipeline.dist_env import cleanup, init_distributed, rank_world_from_env
 from data_pipeline.files import atomic_save_npz, atomic_write_json, atomic_write_text
-from eval import inception
 from dit.processes import objective_of
-from eval.config import (SAMPLER_FLAGS, ConfigError, EvalConfig, add_config_args, add_sampler_args, config_for_checkpoint,
-                         field_range, fill_from_config)
-from eval.inference import (InferenceError, default_sampler, flow_options, load_checkpoint, read_checkpoint_meta, sample_seed,
-                            settings_problem)
+from eval import inception
+from eval.config import (SAMPLER_FLAGS, ConfigError, EvalConfig, add_config_args, add_sampler_args,
+                         config_for_checkpoint, field_range, fill_from_config)
+from eval.inference import (InferenceError, default_sampler, flow_options, load_checkpoint, read_checkpoint_meta,
+                            sample_seed, settings_problem)
 from eval.metrics import fid_statistics, frechet_distance, inception_score, kid, load_reference, precision_recall
 from eval.mnist_classifier import get_classifier
 from eval.npzio import NpyMember, save_npz_streamed

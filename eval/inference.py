@@ -22,8 +22,8 @@ from data_pipeline.devices import autocast
 from data_pipeline.vae_io import load_vae
 from dit.cpu import accelerate
 from dit.flow_samplers import flow_sample
-from dit.processes import SAMPLERS, create_process, objective_of, sampler_objective
 from dit.models import DiT
+from dit.processes import SAMPLERS, create_process, objective_of, sampler_objective
 from dit.samplers import make_cfg_model_fn, sample
 from eval.checkpoints import EMA_FILE, find_latest
 

@@ -47,10 +47,11 @@ import torch
 from data_pipeline.checks import OneLineParser, Range, number_arg, output_dir_problem
 from data_pipeline.files import atomic_save_safetensors, atomic_write_json
 from data_pipeline.vae_io import VAELoadError, resolve_vae_path
-from dit.convert import (GAUSSIAN_OBJECTIVES, ConversionError, diffusers_config, diffusers_kwargs,
-                         diffusers_scheduler_config, diffusers_to_ours, official_kwargs, official_to_ours,
-                         ours_to_diffusers, sit_transport_kwargs, strip_prefixes)
+from dit.convert import (ConversionError, diffusers_config, diffusers_kwargs, diffusers_scheduler_config,
+                         diffusers_to_ours, official_kwargs, official_to_ours, ours_to_diffusers, sit_transport_kwargs,
+                         strip_prefixes)
 from dit.models import DiT, preset_kwargs
+from dit.processes import objective_of
 from eval.checkpoints import CheckpointError, load_safetensors_file
 from eval.inference import InferenceError, read_checkpoint_meta
 
@@ -230,12 +231,10 @@ def import_checkpoint(args: argparse.Namespace) -> str:
 def export_problem(weights: Path, meta: dict[str, Any]) -> Optional[str]:
     """Why the checkpoint cannot become a diffusers DiTPipeline (one line naming the file), or None."""
     diffusion, kwargs = meta["diffusion"], meta["model"]
-    objective = diffusion.get("objective")
+    objective = objective_of(diffusion)
     if objective == "flow":
         return (f"{weights}: a flow-matching checkpoint (diffusion.objective 'flow'); diffusers has no scheduler for "
                 f"its time convention (SiT's: t = 0 noise, t = 1 data); sample it with launch/sample.py")
-    if objective not in GAUSSIAN_OBJECTIVES:
-        return f"{weights}: diffusion.objective {objective!r} has no diffusers scheduler (Gaussian diffusion only)"
     conditioning = kwargs.get("conditioning", "adaln_zero")
     if conditioning != "adaln_zero":
         return (f"{weights}: model.conditioning {conditioning!r}; diffusers' DiTTransformer2DModel holds "

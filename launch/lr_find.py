@@ -40,8 +40,8 @@ from data_pipeline.files import atomic_save_image, atomic_write_json
 from data_pipeline.loader import build_stream
 from data_pipeline.manifest import ManifestError
 from dit.cpu import accelerate
-from dit.processes import create_process
 from dit.models import DiT
+from dit.processes import create_process
 from eval.config import ConfigError, add_config_args, config_from_args
 from launch.builders import diffusion_kwargs, model_kwargs
 from launch.loss import training_loss

@@ -37,9 +37,9 @@ import torch
 from data_pipeline.checks import OneLineParser, Range, device_arg, guide_channels_arg, number_arg, output_dir_problem
 from data_pipeline.devices import configure_tf32
 from data_pipeline.files import atomic_save_image, atomic_write_json
+from dit.processes import objective_of
 from eval.config import (SAMPLER_FLAGS, ConfigError, EvalConfig, SampleConfig, add_config_args, add_sampler_args,
                          config_for_checkpoint, field_range, fill_from_config)
-from dit.processes import objective_of
 from eval.inference import (InferenceError, default_sampler, flow_options, load_checkpoint, read_checkpoint_meta,
                             sample_seed, settings_problem)
 from eval.visuals import save_image_grid

@@ -30,8 +30,8 @@ from data_pipeline.dist_env import DistInfo
 from data_pipeline.files import atomic_save_safetensors
 from data_pipeline.loader import STREAM_ERRORS, NoReadableSamplesError, ShardError
 from dit.cpu import accelerate
-from dit.processes import create_process
 from dit.models import DiT
+from dit.processes import create_process
 from eval.checkpoints import EMA_FILE, CheckpointError, load_safetensors_file
 from eval.config import Config, ConfigError, config_to_dict
 from eval.fid import evaluate_checkpoint

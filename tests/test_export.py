@@ -340,3 +340,26 @@ def test_sit_checkpoint_imports_as_flow_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--to", "diffusers", str(out), "--out", str(tmp_path / "pipe")]) == 2
     assert "flow-matching" in one_error_line(capsys)
+
+
+def test_a_converted_sit_model_samples_as_sits_own_euler_ode(tmp_path):
+    """The same noise through our Euler flow sampler and through SiT's ODE step written out in float64 (its
+    `odeint(..., method="euler")` on t = linspace(0, 1, num_steps): x += dt * v(x, t), v the network's first C
+    output channels, t fed as is) on the float64 reference network (tests/test_convert.py) give the same sample."""
+    from dit.flow_samplers import flow_sample
+    from eval.inference import load_checkpoint
+    from tests.test_convert import reference_forward
+
+    ema = sit_checkpoint(tmp_path / "SiT.pt", None)
+    out = tmp_path / "sit.safetensors"
+    assert main(["--from", "sit", str(tmp_path / "SiT.pt"), "--out", str(out), "--num-heads", "2"]) == 0
+    gen, _ = load_checkpoint(out)
+    noise = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    y, steps = torch.tensor([1, 4]), 6
+    got = flow_sample(gen.model_fn(), gen.diffusion, noise.shape, sampler="euler", steps=steps, noise=noise.float(),
+                      model_kwargs={"y": y})
+    x, ts = noise.clone(), torch.linspace(0, 1, steps + 1, dtype=torch.float64)  # SiT's num_steps = steps + 1
+    for k in range(steps):
+        x = x + (ts[k + 1] - ts[k]) * reference_forward(ema, x, ts[k].expand(2), y)[:, :4]
+    assert x.abs().max() > 1.0 and not torch.allclose(x, noise, atol=0.1)  # the network moved the noise
+    torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
