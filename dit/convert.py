@@ -8,6 +8,8 @@ All functions are pure: they take and return `{name: tensor}` dicts (and plain k
   one copy of the timestep/label embedder in every block (all copies are equal in converted checkpoints; ours keeps
   one). diffusers' DiT also differs numerically from the official one in two places, which our model reproduces with
   `timestep_freq_shift=1` and `mlp_norm_eps=1e-5` (see `diffusers_kwargs`).
+- our Gaussian diffusion → a diffusers scheduler config (`diffusers_scheduler_config`).
+- willisma/SiT checkpoints are official-format state dicts (same backbone and key names; t in [0, 1]).
 """
 from __future__ import annotations
 
@@ -238,4 +240,62 @@ def ours_to_diffusers(sd: Mapping[str, torch.Tensor]) -> StateDict:
                 out[dst + f"attn1.to_{name}.{s}"] = part.clone()
             for old, new in _BLOCK_RENAMES:
                 out[dst + f"{old}.{s}"] = _need(sd, src + f"{new}.{s}").detach().clone()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- schedulers
+# Values of a checkpoint's "diffusion.objective" meaning the Gaussian (DDPM) process of dit/diffusion.py; a missing
+# key is the same (checkpoints written before flow matching existed).
+GAUSSIAN_OBJECTIVES = (None, "diffusion", "gaussian")
+_PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+_BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+def diffusers_scheduler_config(diffusion: Mapping[str, Any]) -> dict[str, Any]:
+    """diffusers `DDIMScheduler` config (its keys also configure DDPMScheduler and the other DDPM-family
+    schedulers) for the Gaussian diffusion with these `dit.diffusion.create_diffusion` kwargs.
+
+    variance_type (used by DDPMScheduler only) is "fixed_small" for a learned-sigma model: diffusers' DiTPipeline
+    drops the variance channels before `scheduler.step`, where "learned_range" makes DDPMScheduler fail and
+    DPMSolverMultistepScheduler cut the latents to 3 channels. A fixed-variance model gets its own ("fixed_large",
+    our default, or "fixed_small" with sigma_small).
+    """
+    objective = diffusion.get("objective", "ddpm")  # absent: DDPM (see dit/processes.py)
+    if objective != "ddpm":
+        raise ConversionError(f"diffusion objective {objective!r} has no diffusers scheduler (DDPM only)")
+    schedule = diffusion.get("noise_schedule", "linear")
+    prediction = diffusion.get("prediction", "eps")
+    if schedule not in _BETA_SCHEDULES:
+        raise ConversionError(f"noise_schedule {schedule!r} has no diffusers beta_schedule")
+    if prediction not in _PREDICTION_TYPES:
+        raise ConversionError(f"prediction {prediction!r} has no diffusers prediction_type")
+    steps = int(diffusion.get("diffusion_steps", 1000))
+    scale = 1000.0 / steps if schedule == "linear" else 1.0  # ADM scales the linear betas to keep their shape
+    fixed = "fixed_small" if diffusion.get("learn_sigma", True) or diffusion.get("sigma_small", False) \
+        else "fixed_large"
+    return {"num_train_timesteps": steps, "beta_schedule": _BETA_SCHEDULES[schedule], "beta_start": 1e-4 * scale,
+            "beta_end": 0.02 * scale, "trained_betas": None, "prediction_type": _PREDICTION_TYPES[prediction],
+            "variance_type": fixed, "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0,
+            "timestep_spacing": "leading", "thresholding": False, "rescale_betas_zero_snr": False}
+
+
+# ----------------------------------------------------------------------------------------------- SiT
+# willisma/SiT's released models (train.py defaults): a linear path x_t = t x_1 + (1 - t) x_0 (t = 0 noise, t = 1
+# data, fed to the timestep embedder as is), velocity prediction, no loss weight, t uniform in [0, 1].
+SIT_TRANSPORT = {"objective": "flow", "path": "linear", "prediction": "velocity", "loss_weight": "none",
+                 "time_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "train_eps": None, "sample_eps": None}
+
+
+def sit_transport_kwargs(args: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """The flow-matching kwargs (`dit.transport.create_transport`) of a SiT checkpoint, from its training args
+    (train.py's argparse namespace as a dict; the released models have none: SiT's defaults)."""
+    out = dict(SIT_TRANSPORT)
+    if not args:
+        return out
+    path, prediction = args.get("path_type", "Linear"), args.get("prediction", "velocity")
+    if (path, prediction) != ("Linear", "velocity"):
+        raise ConversionError(f"SiT checkpoint trained with path_type={path!r}, prediction={prediction!r}; only "
+                              "the Linear path with velocity prediction (SiT's default) converts")
+    weight = args.get("loss_weight")
+    out["loss_weight"] = "none" if weight in (None, "None") else str(weight)
     return out

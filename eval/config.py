@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
-from data_pipeline.checks import MAX_CHANNELS, Range
+from data_pipeline.checks import MAX_CHANNELS, Range, number_arg
 from dit.models import DiT_models, preset_kwargs  # late import: the config module must stay importable on its own
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ MAX_BATCH = 2**20
 MAX_EVAL_SAMPLES = 10**6
 EVAL_SAMPLES_WHY = "rank 0 holds 12 KB of Inception features per sample"
 MAX_CFG = 100.0
+DDPM_SAMPLER_NAMES = ("ddpm", "ddim")
+FLOW_SAMPLER_NAMES = ("euler", "heun", "dopri5", "sde")
 SEED_WHY = "seeds are 32-bit: a larger one would alias a smaller one"
 SIDE_WHY = "a larger side is more tokens than attention holds"
 ETA_WHY = "DDIM: 0 deterministic, 1 DDPM-like; above 1 the update takes the root of a negative number"
@@ -89,12 +91,20 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Gaussian diffusion used for training (sampling settings live in `sample` and `eval`)."""
+    """The training process: DDPM (DiT's Gaussian diffusion) or flow matching (SiT / LightningDiT); sampling
+    settings live in `sample` and `eval`."""
 
+    objective: Literal["ddpm", "flow"] = "ddpm"  # ddpm: DiT's diffusion (the keys up to `loss`); flow: interpolants (the keys from `path`)
     noise_schedule: Literal["linear", "cosine"] = "linear"  # linear: betas 1e-4..2e-2 (DiT); cosine: Nichol & Dhariwal
     diffusion_steps: int = bounded(1000, 1, MAX_DIFFUSION_STEPS)  # T of the training process (linear schedule: more than 20)
     prediction: Literal["eps", "v", "x0"] = "eps"  # what the network predicts
     loss: Literal["mse", "l1"] = "mse"  # loss on the prediction (plus the VLB term when learn_sigma)
+    path: Literal["linear", "gvp", "vp"] = "linear"  # flow: x_t = alpha_t x_data + sigma_t noise (linear: rectified flow, SiT's default)
+    flow_prediction: Literal["velocity", "noise", "score"] = "velocity"  # flow: what the network predicts
+    loss_weight: Literal["none", "velocity", "likelihood"] = "none"  # flow: weighting of the loss over t (SiT's choices)
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"  # flow: training t (logit_normal: LightningDiT / SD3)
+    logit_mean: float = bounded(0.0, -10.0, 10.0)  # flow, logit_normal: mean of logit(t)
+    logit_std: float = bounded(1.0, 0.0, 10.0, lo_open=True)  # flow, logit_normal: std of logit(t)
 
 
 @dataclass
@@ -170,12 +180,16 @@ class TrainConfig:
 class SampleConfig:
     """Sampling settings for grids during training and for launch/sample.py."""
 
-    sampler: Literal["ddpm", "ddim"] = "ddim"  # sampler of the training grids and launch/sample.py
+    sampler: Optional[Literal["ddpm", "ddim", "euler", "heun", "dopri5", "sde"]] = None  # None: ddim (DDPM) / heun (flow); ddpm, ddim for DDPM; euler, heun, dopri5, sde for flow
     steps: int = bounded(50, 1, MAX_DIFFUSION_STEPS)  # sampling steps (respaced; at most diffusion.diffusion_steps)
     eta: float = bounded(0.0, 0.0, 1.0, why=ETA_WHY)  # DDIM eta (0: deterministic)
+    shift: float = bounded(1.0, 0.0, 100.0, lo_open=True)  # flow: timestep shift of the sampling grid (1: none; > 1 more steps near noise)
+    atol: float = bounded(1e-6, 0.0, 1.0, lo_open=True)  # flow, dopri5: absolute tolerance
+    rtol: float = bounded(1e-3, 0.0, 1.0, lo_open=True)  # flow, dopri5: relative tolerance
+    last_step: Literal["mean", "tweedie", "euler", "none"] = "mean"  # flow, sde: the last step (SiT's choices)
     cfg_scale: float = bounded(4.0, 0.0, MAX_CFG)  # classifier-free guidance scale (1: no guidance)
     guide_channels: GuideChannels = "all"  # "all" or N <= the input channels: how many leading channels CFG guides (official DiT: 3)
-    guidance_interval: Optional[list[float]] = bounded(None, 0.0, MAX_DIFFUSION_STEPS)  # [t_lo, t_hi] (t_lo <= t_hi) in training timesteps
+    guidance_interval: Optional[list[float]] = bounded(None, 0.0, MAX_DIFFUSION_STEPS)  # [t_lo, t_hi] (t_lo <= t_hi): training timesteps (DDPM) or flow time in [0, 1]
     seed: int = bounded(0, 0, 2**32 - 1, why=SEED_WHY)  # seed of the grid's noise
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # launch/sample.py: model dtype (grids: train.precision)
 
@@ -186,12 +200,16 @@ class EvalConfig:
 
     num_samples: int = bounded(50_000, 2, MAX_EVAL_SAMPLES, why=EVAL_SAMPLES_WHY)  # N of FID-N
     batch_size: int = bounded(64, 1, 65536)  # samples per forward on each rank
-    sampler: Literal["ddpm", "ddim"] = "ddpm"  # DiT's FID-50K: DDPM with 250 steps
+    sampler: Optional[Literal["ddpm", "ddim", "euler", "heun", "dopri5", "sde"]] = None  # None: ddpm (DiT's FID-50K, 250 steps) / sde (SiT's FID-50K, 250 steps)
     steps: int = bounded(250, 1, MAX_DIFFUSION_STEPS)  # sampling steps (respaced; at most diffusion.diffusion_steps)
     eta: float = bounded(0.0, 0.0, 1.0, why=ETA_WHY)  # DDIM eta
+    shift: float = bounded(1.0, 0.0, 100.0, lo_open=True)  # flow: timestep shift of the sampling grid (1: none; > 1 more steps near noise)
+    atol: float = bounded(1e-6, 0.0, 1.0, lo_open=True)  # flow, dopri5: absolute tolerance
+    rtol: float = bounded(1e-3, 0.0, 1.0, lo_open=True)  # flow, dopri5: relative tolerance
+    last_step: Literal["mean", "tweedie", "euler", "none"] = "mean"  # flow, sde: the last step (SiT's choices)
     cfg_scale: float = bounded(1.5, 0.0, MAX_CFG)  # DiT's FID-50K setting
     guide_channels: GuideChannels = "all"  # "all", or 3 to reproduce the official DiT numbers exactly
-    guidance_interval: Optional[list[float]] = bounded(None, 0.0, MAX_DIFFUSION_STEPS)  # [t_lo, t_hi] (t_lo <= t_hi): guide only there
+    guidance_interval: Optional[list[float]] = bounded(None, 0.0, MAX_DIFFUSION_STEPS)  # [t_lo, t_hi] (t_lo <= t_hi): guide only there (flow: in [0, 1])
     seed: int = bounded(0, 0, 2**32 - 1, why=SEED_WHY)  # sample i is drawn from a seed derived from (seed, i)
     ref: Optional[str] = None  # reference statistics (.npz from eval/reference.py, or ADM's reference batch)
     inception_weights: Optional[str] = None  # local Inception weights file (default: the torch hub cache)
@@ -487,20 +505,32 @@ def _check_semantics(cfg: Config) -> None:
         raise ConfigError(f"vae.channel_mult: expected 1 to 8 levels (len - 1 downsamplings), got "
                           f"{cfg.vae.channel_mult}")
     for section in ("sample", "eval"):
-        sec = getattr(cfg, section)
+        _check_sampling(getattr(cfg, section), section, cfg)
+
+
+def _check_sampling(sec: Any, section: str, cfg: Config) -> None:
+    """The `sample` or `eval` section against the process and the model."""
+    d = cfg.diffusion
+    family = FLOW_SAMPLER_NAMES if d.objective == "flow" else DDPM_SAMPLER_NAMES
+    if sec.sampler is not None and sec.sampler not in family:
+        raise ConfigError(f"{section}.sampler: {sec.sampler} does not sample diffusion.objective={d.objective}; "
+                          f"use one of {', '.join(family)} (or null for the default)")
+    if d.objective == "ddpm":
         if sec.steps > d.diffusion_steps:
             raise ConfigError(f"{section}.steps: {sec.steps} exceeds diffusion.diffusion_steps={d.diffusion_steps} "
                               f"(sampling respaces the trained process: 1..{d.diffusion_steps})")
-        gc = sec.guide_channels
-        if gc != "all":
-            limit, what = (cfg.model.in_channels, f"model.in_channels={cfg.model.in_channels}") \
-                if cfg.model.in_channels is not None else (MAX_CHANNELS, f"the limit {MAX_CHANNELS}")
-            if int(gc) > limit:
-                raise ConfigError(f"{section}.guide_channels: {gc} exceeds {what} (CFG guides the leading channels "
-                                  f"of the prediction)")
-        gi = sec.guidance_interval
-        if gi is not None and (len(gi) != 2 or gi[0] > gi[1]):
-            raise ConfigError(f"{section}.guidance_interval: expected [t_lo, t_hi] with t_lo <= t_hi, got {gi}")
+    gc = sec.guide_channels
+    if gc != "all":
+        limit, what = (cfg.model.in_channels, f"model.in_channels={cfg.model.in_channels}") \
+            if cfg.model.in_channels is not None else (MAX_CHANNELS, f"the limit {MAX_CHANNELS}")
+        if int(gc) > limit:
+            raise ConfigError(f"{section}.guide_channels: {gc} exceeds {what} (CFG guides the leading channels "
+                              f"of the prediction)")
+    gi = sec.guidance_interval
+    if gi is not None and (len(gi) != 2 or gi[0] > gi[1]):
+        raise ConfigError(f"{section}.guidance_interval: expected [t_lo, t_hi] with t_lo <= t_hi, got {gi}")
+    if gi is not None and d.objective == "flow" and gi[1] > 1:
+        raise ConfigError(f"{section}.guidance_interval: {gi} is in flow time, which runs from 0 (noise) to 1 (data)")
 
 
 def config_for_checkpoint(path: Optional[str | os.PathLike], overrides: Optional[list[str]],
@@ -535,6 +565,26 @@ def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> N
     parser.add_argument("--config", required=required, help="YAML config (may include other YAML files)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value; repeatable (e.g. --set train.lr=2e-4)")
+
+
+SAMPLER_FLAGS = ["sampler", "shift", "atol", "rtol", "last_step"]
+
+
+def add_sampler_args(parser: argparse.ArgumentParser, section: type) -> None:
+    """Add `--sampler` and the flow solver flags (`--shift`, `--atol`, `--rtol`, `--last-step`), each checked
+    against the range of the `section` key it mirrors (`SampleConfig` or `EvalConfig`); None when left out."""
+    def arg(kind: type, key: str) -> Any:
+        return number_arg(kind, field_range(section, key))
+
+    parser.add_argument("--sampler", choices=DDPM_SAMPLER_NAMES + FLOW_SAMPLER_NAMES, default=None,
+                        help="ddpm, ddim (DDPM checkpoints); euler, heun, dopri5, sde (flow); default: the "
+                             "checkpoint's family's default")
+    parser.add_argument("--shift", type=arg(float, "shift"), default=None,
+                        help="flow: timestep shift of the solver grid (1: none)")
+    parser.add_argument("--atol", type=arg(float, "atol"), default=None, help="flow, dopri5: absolute tolerance")
+    parser.add_argument("--rtol", type=arg(float, "rtol"), default=None, help="flow, dopri5: relative tolerance")
+    parser.add_argument("--last-step", choices=("mean", "tweedie", "euler", "none"), default=None,
+                        help="flow, sde: the last step")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

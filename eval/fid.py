@@ -37,9 +37,12 @@ from data_pipeline.checks import OneLineParser, Range, guide_channels_arg, numbe
 from data_pipeline.devices import DeviceLayoutError, configure_tf32, select_device
 from data_pipeline.dist_env import cleanup, init_distributed, rank_world_from_env
 from data_pipeline.files import atomic_save_npz, atomic_write_json, atomic_write_text
+from dit.processes import objective_of
 from eval import inception
-from eval.config import ConfigError, EvalConfig, add_config_args, config_for_checkpoint, field_range, fill_from_config
-from eval.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed, settings_problem
+from eval.config import (SAMPLER_FLAGS, ConfigError, EvalConfig, add_config_args, add_sampler_args,
+                         config_for_checkpoint, field_range, fill_from_config)
+from eval.inference import (InferenceError, default_sampler, flow_options, load_checkpoint, read_checkpoint_meta,
+                            sample_seed, settings_problem)
 from eval.metrics import fid_statistics, frechet_distance, inception_score, kid, load_reference, precision_recall
 from eval.mnist_classifier import get_classifier
 from eval.npzio import NpyMember, save_npz_streamed
@@ -69,7 +72,8 @@ class EvalSettings(EvalConfig):
         return {"ckpt": ckpt_fingerprint, "sampler": self.sampler, "steps": self.steps, "eta": self.eta,
                 "cfg_scale": self.cfg_scale, "guide_channels": str(self.guide_channels),
                 "guidance_interval": self.guidance_interval, "seed": self.seed, "dtype": self.dtype,
-                "tf32": self.tf32}
+                "tf32": self.tf32, **flow_options(self)}
+
 
     @property
     def needs_inception(self) -> bool:
@@ -139,7 +143,8 @@ def generate_parts(gen: Any, settings: EvalSettings, parts_dir: Path, rank: int,
         imgs = gen.sample_batch(labels, [sample_seed(settings.seed, i) for i in idx], sampler=settings.sampler,
                                 steps=settings.steps, eta=settings.eta, cfg_scale=cfg,
                                 guide_channels=settings.guide_channels,
-                                guidance_interval=settings.guidance_interval, dtype=settings.torch_dtype)
+                                guidance_interval=settings.guidance_interval, dtype=settings.torch_dtype,
+                                **flow_options(settings))
         t1 = time.perf_counter()
         arrays: Dict[str, np.ndarray] = {
             "index": np.asarray(idx, dtype=np.int64),
@@ -432,6 +437,7 @@ def evaluate(gen: Any, meta: Dict[str, Any], settings: EvalSettings, out: Union[
     out = Path(out)
     device = torch.device(device) if device is not None else gen.device
     settings.tf32 = configure_tf32(device, settings.tf32)  # what is recorded is what ran (False on a CPU)
+    settings.sampler = settings.sampler or default_sampler(gen.objective, "eval")  # recorded as run
     key = settings.generation_key(_ckpt_fingerprint(meta))
     if gen.num_classes == 0:
         key["cfg_scale"] = 1.0  # guidance does not apply to an unconditional model
@@ -498,7 +504,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     # config, under --config, under --set (see `config_for_checkpoint`).
     ap.add_argument("--num-samples", type=_eval_arg(int, "num_samples"), default=None, help="N of FID-N")
     ap.add_argument("--cfg-scale", type=_eval_arg(float, "cfg_scale"), default=None)
-    ap.add_argument("--sampler", choices=("ddpm", "ddim"), default=None)
+    add_sampler_args(ap, EvalConfig)
     ap.add_argument("--steps", type=_eval_arg(int, "steps"), default=None,
                     help="sampling steps (respacing of the trained process; at most its diffusion steps)")
     ap.add_argument("--eta", type=_eval_arg(float, "eta"), default=None, help="DDIM eta")
@@ -523,7 +529,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-EVAL_FLAGS = ["num_samples", "cfg_scale", "sampler", "steps", "eta", "guide_channels", "guidance_interval", "ref",
+EVAL_FLAGS = SAMPLER_FLAGS + ["num_samples", "cfg_scale", "steps", "eta", "guide_channels", "guidance_interval", "ref",
               "batch_size", "seed", "dtype", "inception_weights", "classifier"]
 
 
@@ -564,6 +570,25 @@ def _arg_problem(args: argparse.Namespace, metrics: Tuple[str, ...]) -> Optional
     return None
 
 
+def _settings(args: argparse.Namespace, metrics: Tuple[str, ...]) -> EvalSettings:
+    """The evaluation settings of checked arguments."""
+    return EvalSettings(num_samples=args.num_samples, batch_size=args.batch_size, sampler=args.sampler,
+                        shift=args.shift, atol=args.atol, rtol=args.rtol, last_step=args.last_step, steps=args.steps,
+                        eta=args.eta, cfg_scale=args.cfg_scale, guide_channels=args.guide_channels,
+                        guidance_interval=list(args.guidance_interval) if args.guidance_interval else None,
+                        seed=args.seed, dtype=args.dtype, metrics=metrics, ref=args.ref,
+                        inception_weights=args.inception_weights, classifier=args.classifier,
+                        classifier_data=args.classifier_data, save_npz=args.save_npz, grid=args.grid,
+                        tf32=not args.no_tf32)
+
+
+def _tag(args: argparse.Namespace) -> str:
+    """The default output directory's name: the settings that define the samples."""
+    shift = f"_shift{args.shift:g}" if flow_options(args) and args.shift != 1 else ""
+    return (f"n{args.num_samples}_{args.sampler}{args.steps}{shift}_cfg{args.cfg_scale:g}_gc{args.guide_channels}_"
+            f"{args.dtype}_seed{args.seed}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point (every rank runs it)."""
     args = _parse(argv)
@@ -576,7 +601,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s r{rank} %(levelname)s %(name)s: %(message)s")
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip() and m.strip() != "none")
-    gc = args.guide_channels
     # Checked in this order before anything is loaded or written (every rank decides the same, before any
     # collective): the arguments on their own, so each message names the real problem (not the Inception weights
     # that an unknown metric or a missing --ref would never have needed); the Inception weights the metrics need;
@@ -589,29 +613,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if metrics:
                 inception.resolve_weights(args.inception_weights)
             _, ckpt_meta = read_checkpoint_meta(args.ckpt)  # the metadata only, no weights
-            problem = settings_problem(ckpt_meta, args.steps, args.guide_channels)
+            args.sampler = args.sampler or default_sampler(objective_of(ckpt_meta["diffusion"]), "eval")
+            problem = settings_problem(ckpt_meta, args.steps, args.guide_channels, args.sampler)
         except (InferenceError, inception.InceptionWeightsMissing) as err:
             problem = str(err)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    settings = EvalSettings(num_samples=args.num_samples, batch_size=args.batch_size, sampler=args.sampler,
-                            steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, guide_channels=gc,
-                            guidance_interval=list(args.guidance_interval) if args.guidance_interval else None,
-                            seed=args.seed, dtype=args.dtype, metrics=metrics, ref=args.ref,
-                            inception_weights=args.inception_weights, classifier=args.classifier,
-                            classifier_data=args.classifier_data, save_npz=args.save_npz, grid=args.grid,
-                            tf32=not args.no_tf32)
-
+    settings = _settings(args, metrics)
     try:
         if world > 1:  # every rank samples its share; the process group gathers the scores on rank 0
             device = init_distributed(use_deepspeed=False).device
         else:
             device = select_device(0, 1)
         gen, meta = load_checkpoint(args.ckpt, device, vae=args.vae)
-        tag = (f"n{args.num_samples}_{args.sampler}{args.steps}_cfg{args.cfg_scale:g}_gc{gc}_{args.dtype}"
-               f"_seed{args.seed}")
-        out = Path(args.out) if args.out else Path(meta["weights_file"]).parent / f"eval-{tag}"
+        out = Path(args.out) if args.out else Path(meta["weights_file"]).parent / f"eval-{_tag(args)}"
         record = evaluate(gen, meta, settings, out, device)
     except (InferenceError, OSError, ValueError, RuntimeError, DeviceLayoutError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -21,8 +21,9 @@ import torch
 from data_pipeline.devices import autocast
 from data_pipeline.vae_io import load_vae
 from dit.cpu import accelerate
-from dit.diffusion import create_diffusion
+from dit.flow_samplers import flow_sample
 from dit.models import DiT
+from dit.processes import SAMPLERS, create_process, objective_of, sampler_objective
 from dit.samplers import make_cfg_model_fn, sample
 from eval.checkpoints import EMA_FILE, find_latest
 
@@ -32,7 +33,12 @@ META_KEY = "ditstack"
 REQUIRED_META = ("model", "diffusion", "data", "latent", "step")
 
 __all__ = ["InferenceError", "resolve_checkpoint", "read_checkpoint_meta", "load_checkpoint", "Generator",
-           "sample_seed", "settings_problem", "to_uint8"]
+           "sample_seed", "settings_problem", "default_sampler", "flow_options", "to_uint8"]
+
+# (objective, purpose) -> the sampler used when none is set
+DEFAULT_SAMPLERS = {("ddpm", "sample"): "ddim", ("ddpm", "eval"): "ddpm", ("flow", "sample"): "heun",
+                    ("flow", "eval"): "sde"}
+OBJECTIVE_NAMES = {"ddpm": "DDPM", "flow": "flow matching"}
 
 
 class InferenceError(ValueError):
@@ -77,6 +83,10 @@ def read_checkpoint_meta(path: Union[str, os.PathLike]) -> Tuple[Path, Dict[str,
             raise InferenceError(f"{f}: '{META_KEY}' metadata lacks key '{key}'")
     if not isinstance(meta["model"], dict) or not isinstance(meta["diffusion"], dict):
         raise InferenceError(f"{f}: '{META_KEY}.model' and '.diffusion' must be objects of constructor kwargs")
+    try:
+        objective_of(meta["diffusion"])
+    except ValueError as err:
+        raise InferenceError(f"{f}: '{META_KEY}.diffusion': {err}") from None
     lat = meta["latent"]
     if lat is not None:
         for key in ("shift", "scale", "vae"):
@@ -85,11 +95,31 @@ def read_checkpoint_meta(path: Union[str, os.PathLike]) -> Tuple[Path, Dict[str,
     return f, meta
 
 
-def settings_problem(meta: Dict[str, Any], steps: int, guide_channels: Union[str, int]) -> Optional[str]:
+def default_sampler(objective: str, purpose: str) -> str:
+    """The sampler used when none is set: for "sample" (grids, launch/sample.py) DDIM or Heun, for "eval" the
+    samplers of the published FID-50K numbers (DiT: DDPM, SiT: the SDE)."""
+    return DEFAULT_SAMPLERS[(objective, purpose)]
+
+
+def flow_options(settings: Any) -> Dict[str, Any]:
+    """The flow solver settings (`shift`, `atol`, `rtol`, `last_step`) of a config section or parsed arguments;
+    {} when its sampler is a DDPM sampler (they read none of them)."""
+    if settings.sampler is not None and sampler_objective(settings.sampler) == "ddpm":
+        return {}
+    return {k: getattr(settings, k) for k in ("shift", "atol", "rtol", "last_step")}
+
+
+def settings_problem(meta: Dict[str, Any], steps: int, guide_channels: Union[str, int],
+                     sampler: Optional[str] = None) -> Optional[str]:
     """What is wrong with sampling settings given a checkpoint's metadata (its process and channels), as one line
     naming the flag; None if they fit."""
-    trained = int((meta.get("diffusion") or {}).get("diffusion_steps", 1000))
-    if steps > trained:
+    process = meta.get("diffusion") or {}
+    objective = objective_of(process)
+    if sampler is not None and sampler_objective(sampler) != objective:
+        return (f"--sampler {sampler}: the checkpoint was trained with {OBJECTIVE_NAMES[objective]} "
+                f"(diffusion.objective: {objective}); pass one of {', '.join(SAMPLERS[objective])}")
+    trained = int(process.get("diffusion_steps", 1000))
+    if objective == "ddpm" and steps > trained:
         return f"--steps {steps}: the checkpoint's diffusion has {trained} steps; pass 1..{trained}"
     channels = int(meta["model"].get("in_channels", 4))
     if guide_channels != "all" and int(guide_channels) > channels:
@@ -114,7 +144,7 @@ class Generator:
 
     Args:
         model: the DiT (eval mode, weights loaded).
-        diffusion_kwargs: ``create_diffusion`` kwargs.
+        diffusion_kwargs: the process (`dit.processes.create_process` kwargs: DDPM or flow matching).
         data_info: the checkpoint's ``data`` block (``image_size``, ``channels``, ``class_names``).
         latent: the checkpoint's ``latent`` block (None for pixel space).
         device: where sampling runs.
@@ -127,7 +157,8 @@ class Generator:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.diffusion_kwargs = dict(diffusion_kwargs)
-        self.diffusion = create_diffusion(**diffusion_kwargs)
+        self.objective = objective_of(diffusion_kwargs)
+        self.diffusion = create_process(**diffusion_kwargs)
         self.data_info = dict(data_info or {})
         self.latent = latent
         self.num_classes = int(getattr(model, "num_classes", 0))
@@ -210,11 +241,20 @@ class Generator:
         return to_uint8(x0).cpu()
 
     @torch.no_grad()
-    def sample_batch(self, labels: Optional[torch.Tensor], seeds: Sequence[int], *, sampler: str = "ddpm",
+    def sample_batch(self, labels: Optional[torch.Tensor], seeds: Sequence[int], *, sampler: Optional[str] = None,
                      steps: Union[None, int, str] = 250, eta: float = 0.0, cfg_scale: float = 1.0,
                      guide_channels: Union[str, int] = "all", guidance_interval: Optional[Sequence[float]] = None,
-                     dtype: Optional[torch.dtype] = None, progress: bool = False) -> torch.Tensor:
-        """uint8 images [B, C, H, W] (CPU) for ``labels`` [B] (None if unconditional) and one seed per sample."""
+                     dtype: Optional[torch.dtype] = None, progress: bool = False, shift: float = 1.0,
+                     atol: float = 1e-6, rtol: float = 1e-3, last_step: str = "mean") -> torch.Tensor:
+        """uint8 images [B, C, H, W] (CPU) for ``labels`` [B] (None if unconditional) and one seed per sample.
+
+        ``sampler`` None is the process's evaluation default (`default_sampler(..., "eval")`: DDPM or the SDE, with
+        250 steps); a sampler of the other process raises InferenceError. ``eta``: DDIM only; ``shift``, ``atol``/``rtol`` (dopri5), ``last_step`` (sde): flow
+        only. ``steps`` respaces DDPM; for flow it is the number of solver steps (ignored by dopri5)."""
+        sampler = sampler or default_sampler(self.objective, "eval")
+        if sampler_objective(sampler) != self.objective:
+            raise InferenceError(f"sampler {sampler!r} does not sample a {OBJECTIVE_NAMES[self.objective]} "
+                                 f"checkpoint; use one of {', '.join(SAMPLERS[self.objective])}")
         gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
         b = len(gens)
         y = None
@@ -225,8 +265,14 @@ class Generator:
             if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
                 raise InferenceError(f"class labels must lie in [0, {self.num_classes})")
         fn = self.model_fn(cfg_scale, guide_channels, guidance_interval, dtype)
-        x0 = sample(fn, self.diffusion, (b, *self.sample_shape), sampler=sampler, steps=steps, eta=eta,
-                    generator=gens, device=self.device, progress=progress, model_kwargs={"y": y})
+        shape = (b, *self.sample_shape)
+        if self.objective == "flow":
+            x0 = flow_sample(fn, self.diffusion, shape, sampler=sampler, steps=int(steps or 50), shift=shift,
+                             atol=atol, rtol=rtol, last_step=last_step, generator=gens, device=self.device,
+                             progress=progress, model_kwargs={"y": y})
+        else:
+            x0 = sample(fn, self.diffusion, shape, sampler=sampler, steps=steps, eta=eta, generator=gens,
+                        device=self.device, progress=progress, model_kwargs={"y": y})
         return self.decode(x0)
 
     def generate(self, labels: Optional[Sequence[int]], seeds: Sequence[int], batch_size: int = 64,

@@ -70,10 +70,14 @@ def model_kwargs(cfg: Config, manifest: dict) -> dict[str, Any]:
 
 
 def diffusion_kwargs(cfg: Config) -> dict[str, Any]:
-    """`dit.diffusion.create_diffusion` kwargs for training (no respacing)."""
+    """The training process as `dit.processes.create_process` kwargs (stored in checkpoints): DDPM without
+    respacing (no "objective" key, as checkpoints have always stored it), or flow matching."""
     d = cfg.diffusion
-    return {"noise_schedule": d.noise_schedule, "diffusion_steps": d.diffusion_steps, "prediction": d.prediction,
-            "learn_sigma": cfg.model.learn_sigma, "loss": d.loss}
+    if d.objective == "flow":
+        return {"objective": "flow", "path": d.path, "prediction": d.flow_prediction, "loss_weight": d.loss_weight,
+                "time_sampling": d.time_sampling, "logit_mean": d.logit_mean, "logit_std": d.logit_std}
+    return {"noise_schedule": d.noise_schedule, "diffusion_steps": d.diffusion_steps,
+            "prediction": d.prediction, "learn_sigma": cfg.model.learn_sigma, "loss": d.loss}
 
 
 def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:

@@ -9,17 +9,17 @@ from typing import Any, Callable
 
 import torch
 
-from dit.diffusion import GaussianDiffusion
+from dit.processes import Process
 
 
-def training_loss(model_fn: Callable[..., torch.Tensor], diffusion: GaussianDiffusion, x: torch.Tensor,
+def training_loss(model_fn: Callable[..., torch.Tensor], diffusion: Process, x: torch.Tensor,
                   y: torch.Tensor, *, num_classes: int, class_dropout_prob: float,
                   generator: torch.Generator) -> torch.Tensor:
-    """Mean per-sample diffusion loss of the batch (x, y): uniform timesteps, Gaussian noise, and label dropout
-    with `class_dropout_prob` (classifier-free guidance's null class is part of the task). `model_fn(x_t, t,
-    y=..., force_drop_ids=...)` runs the model."""
+    """Mean per-sample loss of the batch (x, y) under the process (DDPM or flow matching): its training
+    timesteps, Gaussian noise, and label dropout with `class_dropout_prob` (classifier-free guidance's null class
+    is part of the task). `model_fn(x_t, t, y=..., force_drop_ids=...)` runs the model."""
     device = x.device
-    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device, generator=generator)
+    t = diffusion.sample_timesteps(x.shape[0], device, generator)
     noise = torch.randn(x.shape, device=device, generator=generator)
     kwargs: dict[str, Any] = {"y": y if num_classes else None}
     if num_classes and class_dropout_prob > 0:

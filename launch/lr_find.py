@@ -40,8 +40,8 @@ from data_pipeline.files import atomic_save_image, atomic_write_json
 from data_pipeline.loader import build_stream
 from data_pipeline.manifest import ManifestError
 from dit.cpu import accelerate
-from dit.diffusion import create_diffusion
 from dit.models import DiT
+from dit.processes import create_process
 from eval.config import ConfigError, add_config_args, config_from_args
 from launch.builders import diffusion_kwargs, model_kwargs
 from launch.loss import training_loss
@@ -110,7 +110,7 @@ def _setup(cfg: Any, batch_size: int, device: torch.device) -> dict[str, Any]:
         accelerate(model)  # as the trainer runs it
     opt = torch.optim.AdamW(model.parameters(), lr=1.0, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
                             weight_decay=cfg.train.weight_decay)
-    return {"stream": stream, "mkw": mkw, "dkw": dkw, "model": model, "diffusion": create_diffusion(**dkw),
+    return {"stream": stream, "mkw": mkw, "dkw": dkw, "model": model, "diffusion": create_process(**dkw),
             "opt": opt, "gen": torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003)}
 
 

@@ -37,9 +37,11 @@ import torch
 from data_pipeline.checks import OneLineParser, Range, device_arg, guide_channels_arg, number_arg, output_dir_problem
 from data_pipeline.devices import configure_tf32
 from data_pipeline.files import atomic_save_image, atomic_write_json
-from eval.config import (ConfigError, EvalConfig, SampleConfig, add_config_args, config_for_checkpoint, field_range,
-                         fill_from_config)
-from eval.inference import InferenceError, load_checkpoint, read_checkpoint_meta, sample_seed, settings_problem
+from dit.processes import objective_of
+from eval.config import (SAMPLER_FLAGS, ConfigError, EvalConfig, SampleConfig, add_config_args, add_sampler_args,
+                         config_for_checkpoint, field_range, fill_from_config)
+from eval.inference import (InferenceError, default_sampler, flow_options, load_checkpoint, read_checkpoint_meta,
+                            sample_seed, settings_problem)
 from eval.visuals import save_image_grid
 from launch.progress import StepProgress
 
@@ -128,7 +130,7 @@ def write_image_folder(images: np.ndarray, labels: Optional[Sequence[int]], root
     return paths
 
 
-SAMPLE_FLAGS = ["sampler", "steps", "eta", "cfg_scale", "guide_channels", "guidance_interval", "seed", "dtype"]
+SAMPLE_FLAGS = SAMPLER_FLAGS + ["steps", "eta", "cfg_scale", "guide_channels", "guidance_interval", "seed", "dtype"]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -144,7 +146,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     # config, under --config, under --set (see `config_for_checkpoint`).
     ap.add_argument("--cfg-scale", type=number_arg(float, field_range(SampleConfig, "cfg_scale")), default=None,
                     help="classifier-free guidance scale (1 = none)")
-    ap.add_argument("--sampler", choices=("ddpm", "ddim"), default=None)
+    add_sampler_args(ap, SampleConfig)
     ap.add_argument("--steps", type=number_arg(int, field_range(SampleConfig, "steps")), default=None,
                     help="sampling steps (respacing of the trained process; at most its diffusion steps)")
     ap.add_argument("--eta", type=number_arg(float, field_range(SampleConfig, "eta")), default=None,
@@ -207,7 +209,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict, Optional[list[int]], boo
     """(generator, metadata, labels, TF32 on, device) once the settings are checked against the checkpoint's
     metadata (read first: no weight is loaded for a bad setting). Raises SampleError / InferenceError."""
     _, meta = read_checkpoint_meta(args.ckpt)
-    problem = settings_problem(meta, args.steps, args.guide_channels)
+    args.sampler = args.sampler or default_sampler(objective_of(meta["diffusion"]), "sample")
+    problem = settings_problem(meta, args.steps, args.guide_channels, args.sampler)
     if problem:
         raise SampleError(problem)
     class_names = list((meta.get("data") or {}).get("class_names") or [])
@@ -231,7 +234,7 @@ def _draw(gen: Any, args: argparse.Namespace, labels: Optional[list[int]], seeds
             imgs = gen.generate(lab, seeds[i:i + args.batch_size], batch_size=args.batch_size,
                                 sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=cfg_scale,
                                 guide_channels=args.guide_channels, guidance_interval=args.guidance_interval,
-                                dtype=DTYPES[args.dtype])
+                                dtype=DTYPES[args.dtype], **flow_options(args))
             paths += write_image_folder(imgs, lab, images_root, dir_names, start=i)
             chunks.append(imgs)
             progress.update(len(imgs))
@@ -276,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "settings": {"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "cfg_scale": cfg_scale,
                            "guide_channels": args.guide_channels, "guidance_interval": args.guidance_interval,
                            "seed": args.seed, "dtype": args.dtype, "vae": args.vae, "tf32": tf32,
-                           "device": str(device)},
+                           "device": str(device), **flow_options(args)},
               "seed_rule": "sample i: seed eval.inference.sample_seed(seed, i)"}
     atomic_write_json(out.with_suffix(".json"), record)
     print(f"wrote {n} samples: grid {out}, images under {images_root}/<class>/")

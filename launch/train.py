@@ -30,13 +30,13 @@ from data_pipeline.dist_env import DistInfo
 from data_pipeline.files import atomic_save_safetensors
 from data_pipeline.loader import STREAM_ERRORS, NoReadableSamplesError, ShardError
 from dit.cpu import accelerate
-from dit.diffusion import create_diffusion
 from dit.models import DiT
+from dit.processes import create_process
 from eval.checkpoints import EMA_FILE, CheckpointError, load_safetensors_file
 from eval.config import Config, ConfigError, config_to_dict
 from eval.fid import evaluate_checkpoint
 from eval.inception import InceptionWeightsMissing, resolve_weights
-from eval.inference import Generator
+from eval.inference import Generator, default_sampler, flow_options
 from eval.visuals import plot_loss_curve, samples_gif, save_image_grid
 from launch import optimizer_state
 from launch.builders import deepspeed_config, diffusion_kwargs, latent_record, model_kwargs
@@ -177,7 +177,7 @@ class Trainer(TrainerBase):
         model = DiT(**self.model_kwargs)
         if info.device.type == "cpu":
             accelerate(model)  # dit.cpu: bf16 speed-ups on a CPU; the plain model's parameters and results
-        self.diffusion = create_diffusion(**self.diffusion_kwargs)
+        self.diffusion = create_process(**self.diffusion_kwargs)
         # fused: one kernel for all parameters on GPUs (and CPUs), and it can skip a step on the device
         # (`found_inf`, see `_check_and_clip`)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
@@ -295,9 +295,10 @@ class Trainer(TrainerBase):
         s = self.cfg.sample
         labels = _sample_labels(self.num_classes, self.cfg)
         images = generator.generate(
-            labels=labels, seeds=list(range(len(labels))), sampler=s.sampler, steps=s.steps, eta=s.eta,
+            labels=labels, seeds=list(range(len(labels))), steps=s.steps, eta=s.eta,
+            sampler=s.sampler or default_sampler(generator.objective, "sample"),
             cfg_scale=s.cfg_scale if self.num_classes else 1.0, guide_channels=s.guide_channels,
-            guidance_interval=s.guidance_interval, batch_size=64,
+            guidance_interval=s.guidance_interval, batch_size=64, **flow_options(s),
             dtype=torch.bfloat16 if self.cfg.train.precision == "bf16" else None)
         out = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         save_image_grid(images, out, nrow=self.cfg.train.sample_per_class if self.num_classes else 8,
@@ -313,6 +314,7 @@ class Trainer(TrainerBase):
             out=self.run_dir / "eval" / f"step_{self.step:07d}", device=self.info.device, batch_size=e.batch_size,
             sampler=e.sampler, steps=e.steps, eta=e.eta, cfg_scale=e.cfg_scale if self.num_classes else 1.0,
             guide_channels=e.guide_channels, guidance_interval=e.guidance_interval, seed=e.seed, dtype=e.dtype,
+            shift=e.shift, atol=e.atol, rtol=e.rtol, last_step=e.last_step,
             metrics=tuple(e.metrics), ref=e.ref, inception_weights=e.inception_weights, classifier=e.classifier,
             classifier_data=self.cfg.data.shards if e.classifier else None, tf32=self.cfg.train.tf32)
         if record is not None:

@@ -1,6 +1,7 @@
 """Weight interop: facebookresearch/DiT and diffusers checkpoints → our DiT (and back), library and CLI."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -210,7 +211,8 @@ def test_cli_converts_official_and_diffusers_files(tmp_path, capsys):
 
     sd = official_state_dict()
     ckpt = tmp_path / "0001000.pt"
-    torch.save({"model": {k: v * 0 for k, v in sd.items()}, "ema": sd, "args": {"lr": 1e-4}}, ckpt)
+    # as facebookresearch/DiT's train.py saves it: its argparse Namespace too (read with weights_only=True)
+    torch.save({"model": {k: v * 0 for k, v in sd.items()}, "ema": sd, "args": argparse.Namespace(lr=1e-4)}, ckpt)
     theirs = tiny_diffusers()
     theirs.save_pretrained(tmp_path / "pipe" / "transformer")
     x, t, y = inputs()

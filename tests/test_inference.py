@@ -16,13 +16,14 @@ PIXEL_KW = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth
                 learn_sigma=True)
 
 
-def tiny_checkpoint(path: Path, model_kw: dict = PIXEL_KW, latent=None, seed: int = 0) -> Path:
+def tiny_checkpoint(path: Path, model_kw: dict = PIXEL_KW, latent=None, seed: int = 0,
+                    diffusion: dict | None = None) -> Path:
     """A random-weights DiT saved as a consolidated checkpoint (non-zero output layers, so samples vary)."""
     torch.manual_seed(seed)
     model = DiT(**model_kw)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    meta = {"model": model_kw, "diffusion": {"diffusion_steps": 1000}, "latent": latent, "step": 3,
+    meta = {"model": model_kw, "diffusion": diffusion or {"diffusion_steps": 1000}, "latent": latent, "step": 3,
             "data": {"kind": "image", "class_names": [str(i) for i in range(model_kw["num_classes"])],
                      "image_size": model_kw["input_size"], "channels": model_kw["in_channels"]}}
     path.parent.mkdir(parents=True, exist_ok=True)
