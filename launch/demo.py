@@ -86,7 +86,10 @@ def build_stages(out: Path, quick: bool, pixels: bool, config: Path) -> list[Sta
     cfg = load_config(config)
     s, e = cfg.sample, cfg.eval
     shards, val, vae_dir, latents = out / "shards" / "train", out / "shards" / "val", out / "vae", out / "latents"
-    tag = "_pixels" if pixels else ""
+    # Each DiT config trains into its own directories (dit_flow/, samples_flow/, ... for mnist_demo_flow.yaml),
+    # so demos of several configs share the shards, the VAE and the latents without resuming each other's runs.
+    variant = config.stem.replace("mnist_demo", "").replace("_quick", "").replace("_pixels", "").lstrip("_")
+    tag = ("_pixels" if pixels else "") + (f"_{variant}" if variant else "")
     dit, samples, evald = out / f"dit{tag}", out / f"samples{tag}", out / f"eval{tag}"
     stages = [
         Stage("shards", "image shards of the embedded MNIST (train split)",
