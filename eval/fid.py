@@ -343,7 +343,6 @@ def score(merged: MergedSamples, settings: EvalSettings, extractor: Optional[tor
         if "pr" in settings.metrics:
             res.update(precision_recall(pool, ref.pool))
     if settings.classifier == "mnist":
-
         clf = get_classifier(settings.classifier_data)
         labels = torch.from_numpy(merged["labels"]) if num_classes == 10 else None
         res.update(_classifier_metrics(clf, merged, labels))

@@ -170,7 +170,6 @@ class Generator:
         self._lowp: Dict[torch.dtype, Tuple[Tuple[int, ...], torch.nn.Module]] = {}
         if latent is not None:
             if vae is None:
-
                 try:
                     vae = load_vae(latent["vae"], device=self.device)
                 except (OSError, ValueError) as err:
@@ -321,7 +320,6 @@ def load_checkpoint(path: Union[str, os.PathLike], device: Union[str, torch.devi
     handle = None
     if vae is not None and meta["latent"] is not None:
         if isinstance(vae, (str, os.PathLike)):
-
             handle = load_vae(vae, device=device)
         else:
             handle = vae

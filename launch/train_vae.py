@@ -110,7 +110,6 @@ class VAETrainer(TrainerBase):
     NAME = "train_vae"
 
     def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, resume: Optional[str]) -> None:
-
         if cfg.vae.grid_every < 0 or cfg.vae.disc_start < 0:
             raise ConfigError("vae.grid_every and vae.disc_start must be >= 0")
         super().__init__(cfg, info, run_dir, resume)
@@ -169,7 +168,6 @@ class VAETrainer(TrainerBase):
         return all(bool(torch.isfinite(p).all()) for p in params)
 
     def write_files(self, tmp: Path) -> None:
-
         state = {"model": self.model.state_dict(), "disc": self.disc.state_dict(),
                  "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                  "ema": self.ema.state_dict() if self.ema is not None else None}
@@ -178,7 +176,6 @@ class VAETrainer(TrainerBase):
                  state_dict=self.export_module().state_dict(), extra={"ema": self.ema is not None})
 
     def load_state(self, path: Path, meta: dict) -> None:
-
         file = path / STATE_FILE
         if not file.is_file():
             raise CheckpointError(f"{path}: no {STATE_FILE}; not a VAE training checkpoint")

@@ -86,7 +86,6 @@ class TrainerBase(abc.ABC):
     FORMAT_HINTS: dict[str, str] = {}  # earlier formats -> what to do with them (appended to the error)
 
     def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, resume: Optional[str]) -> None:
-
         self.cfg, self.info, self.run_dir = cfg, info, Path(run_dir)
         self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", info, self.CHECKPOINT_FORMAT,
                                            cfg.train.keep_last, self.FORMAT_HINTS)
