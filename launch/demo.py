@@ -86,7 +86,7 @@ def build_stages(out: Path, quick: bool, pixels: bool, config: Path) -> list[Sta
     cfg = load_config(config)
     s, e = cfg.sample, cfg.eval
     shards, val, vae_dir, latents = out / "shards" / "train", out / "shards" / "val", out / "vae", out / "latents"
-    # Each DiT config trains into its own directories (dit_flow/, samples_flow/, ... for mnist_demo_flow.yaml),
+    # Each DiT config trains into its own directories (dit_ddpm/, samples_ddpm/, ... for mnist_demo_ddpm.yaml),
     # so demos of several configs share the shards, the VAE and the latents without resuming each other's runs.
     variant = config.stem.replace("mnist_demo", "").replace("_quick", "").replace("_pixels", "").lstrip("_")
     tag = ("_pixels" if pixels else "") + (f"_{variant}" if variant else "")

@@ -10,7 +10,8 @@ from launch import demo
 from tests.conftest import ROOT, run_entry
 
 
-@pytest.mark.parametrize("name", ["mnist_demo.yaml", "mnist_demo_quick.yaml", "mnist_demo_pixels.yaml"])
+@pytest.mark.parametrize("name", ["mnist_demo.yaml", "mnist_demo_ddpm.yaml", "mnist_demo_quick.yaml",
+                                  "mnist_demo_pixels.yaml"])
 def test_demo_configs_load(name):
     from eval.config import load_config
 
