@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -364,3 +365,177 @@ def test_mfu_counts_the_projector_with_the_dit():
     model = REPAModel(dit, depth=1, projector_dim=8, z_dim=4)
     assert _trained_flops_per_sample(dit) == dit.model_flops_per_sample()
     assert _trained_flops_per_sample(model) == dit.model_flops_per_sample() + 16 * 2 * (32 * 8 + 8 * 8 + 8 * 4)
+
+
+# ----------------------------------------------------------------------------------------- latents with images
+def _id_flip_encoder(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A "VAE" whose latent says which synthetic id image it saw and whether it was flipped: channel 0 = the id,
+    channel 1 = +1 (as stored) or -1 (mirrored); a tiny posterior std."""
+    u8 = torch.round((x.double() + 1.0) * 127.5)
+    ids = u8[:, 0, 0, 0] + 256 * u8[:, 0, 1, 0]
+    sign = torch.where(x[:, 0, 2, 0] > 0, 1.0, -1.0).double()
+    mean = torch.stack([ids, sign], dim=1).view(-1, 2, 1, 1).expand(-1, 2, 2, 2).float()
+    return mean, torch.full_like(mean, 1e-4)
+
+
+@pytest.fixture(scope="module")
+def latents_with_images(tmp_path_factory) -> tuple[Path, Path]:
+    from data_pipeline.encode_latents import encode_shards
+    from data_pipeline.synthetic import write_image_shards
+
+    base = tmp_path_factory.mktemp("lat_img")
+    write_image_shards(base / "img", [20, 20, 13], image_size=8)
+    encode_shards(_id_flip_encoder, base / "img", base / "lat", batch_size=8, vae_name="id-flip",
+                  scale_factor=1.0, keep_images=True)
+    return base / "img", base / "lat"
+
+
+def test_encode_latents_keeps_the_source_images(latents_with_images):
+    from data_pipeline.encode_latents import build_parser
+    from data_pipeline.tario import ShardReader
+
+    img, lat = latents_with_images
+    m = json.loads((lat / "manifest.json").read_text())
+    assert m["images"] == {"format": "png"} and m["total"] == 53 and m["kind"] == "latent"
+    for entry in m["shards"]:  # byte for byte the input members, beside each latent
+        src, out = ShardReader([str(img / entry["name"])]), ShardReader([str(lat / entry["name"])])
+        si, oi = src.index(0), out.index(0)
+        assert si.keys == oi.keys and len(oi.keys) == entry["num_samples"]
+        for a, b in zip(si.samples, oi.samples):
+            assert set(b) == {"npy", "png", "cls"}
+            assert src.read(0, *a["png"]) == out.read(0, *b["png"])
+        src.close()
+        out.close()
+    args = ["--vae", "v", "--shards", "s", "--out", "o"]
+    assert build_parser().parse_args(args + ["--keep-images"]).keep_images
+    assert not build_parser().parse_args(args).keep_images
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_yields_each_latents_image_flipped_with_its_twin(latents_with_images, workers):
+    from data_pipeline.loader import build_stream
+    from data_pipeline.synthetic import flipped_from_images, ids_from_images
+
+    _, lat = latents_with_images
+    kw = dict(batch_size=5, seed=3, num_workers=workers)
+    with_images, plain = build_stream(lat, with_images=True, **kw), build_stream(lat, **kw)
+    it, ref = iter(with_images), iter(plain)
+    flips, seen = [], set()
+    for _ in range(15):  # 10 batches per epoch: into the second epoch
+        x, y, images = next(it)
+        x0, y0 = next(ref)
+        assert torch.equal(x, x0) and torch.equal(y, y0)  # the batches of the stream without images
+        assert images.dtype == torch.uint8 and images.shape == (5, 1, 8, 8)
+        pixels = images.float() / 127.5 - 1.0
+        ids, flipped = ids_from_images(pixels), flipped_from_images(pixels)
+        assert np.array_equal(ids, torch.round(x[:, 0, 0, 0]).long().numpy())
+        assert np.array_equal(flipped, (x[:, 1, 0, 0] < 0).numpy())  # the image mirrored with its twin
+        assert np.array_equal(ids % 10, y.numpy())
+        flips += flipped.tolist()
+        seen |= set(ids.tolist())
+    assert any(flips) and not all(flips) and len(seen) > 40
+    # exact resume: the position continues the images too
+    position = json.loads(json.dumps(with_images.position()))
+    resumed = build_stream(lat, with_images=True, position=position, **kw)
+    a, b = next(it), next(iter(resumed))
+    assert all(torch.equal(u, v) for u, v in zip(a, b)) and len(b) == 3
+    for s in (with_images, plain, resumed):
+        s.close()
+
+
+def test_corrupt_latent_rows_are_replaced_with_their_images():
+    from data_pipeline.decoders import LatentImageDecoder, replace_corrupt
+
+    manifest = {"kind": "latent", "class_names": [], "image_size": 4, "channels": 1, "images": {"format": "png"},
+                "latent": {"shape": [1, 2, 2], "stored": "sample", "shift": [0.0], "scale": [1.0]}}
+    dec = LatentImageDecoder(manifest)
+    batch = dec.new_batch(3)
+    batch["lat"][:] = np.arange(3, dtype=np.float16).reshape(3, 1, 1, 1)
+    batch["img"][:] = np.arange(3, dtype=np.uint8).reshape(3, 1, 1, 1)
+    batch["lat"][1, 0, 0, 0] = np.nan
+    assert dec.invalid_rows(batch).tolist() == [False, True, False]
+    labels = np.zeros(3, dtype=np.int64)
+    replace_corrupt(batch, labels, [0, 2])
+    x, images = dec.finish(batch, 0)
+    assert x[:, 0, 0, 0].tolist() == [0.0, 0.0, 2.0] and images[:, 0, 0, 0].tolist() == [0, 0, 2]
+    from data_pipeline.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match="--keep-images"):
+        LatentImageDecoder({**manifest, "images": None})
+
+
+def test_with_images_needs_latent_shards_that_carry_them(latents_with_images, tmp_path):
+    from data_pipeline.loader import build_stream
+    from data_pipeline.manifest import ManifestError
+    from data_pipeline.synthetic import write_latent_shards
+
+    img, _ = latents_with_images
+    with pytest.raises(ManifestError, match="image shards' x is the image itself"):
+        build_stream(img, batch_size=4, with_images=True)
+    write_latent_shards(tmp_path, [8], shape=(1, 2, 2))
+    with pytest.raises(ManifestError, match="encode_latents.py --keep-images"):
+        build_stream(tmp_path, batch_size=4, with_images=True)
+
+
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_remote_latents_with_images(latents_with_images, tmp_path, monkeypatch, mode):
+    """Over HTTP: exact mode (through the local cache) and resampled mode (webdataset streams the samples, the
+    image members with them) give each latent its image, flipped with its twin."""
+    import shutil
+
+    from data_pipeline.loader import build_stream
+    from data_pipeline.synthetic import flipped_from_images, ids_from_images
+    from tests.support.servers import HttpServer
+
+    for key in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(key, "127.0.0.1,localhost")
+    _, lat = latents_with_images
+    shutil.copytree(lat, tmp_path / "www" / "lat")
+    server = HttpServer(tmp_path / "www", tmp_path / "server").start()
+    try:
+        stream = build_stream(f"{server.url}/lat", batch_size=5, seed=1, mode=mode, with_images=True,
+                              cache_dir=str(tmp_path / "cache"), shuffle_buffer=8)
+        it = iter(stream)
+        flips = []
+        for _ in range(6):
+            x, y, images = next(it)
+            pixels = images.float() / 127.5 - 1.0
+            assert np.array_equal(ids_from_images(pixels), torch.round(x[:, 0, 0, 0]).long().numpy())
+            assert np.array_equal(flipped_from_images(pixels), (x[:, 1, 0, 0] < 0).numpy())
+            flips += flipped_from_images(pixels).tolist()
+        assert any(flips) and not all(flips)
+        stream.close()
+    finally:
+        server.stop()
+
+
+def _pool_encoder(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stand-in VAE: 4x4 average pooling into 4 channels (32x32x1 → 4x8x8), posterior std 0.1."""
+    mean = F.avg_pool2d(x, 4).repeat(1, 4, 1, 1) * torch.tensor([1.0, -1.0, 0.5, 2.0]).view(1, 4, 1, 1)
+    return mean, torch.full_like(mean, 0.1)
+
+
+@pytest.mark.slow
+def test_flow_with_repa_on_latents_reads_their_images_and_resumes_exactly(small_shards, encoder_file, tmp_path):
+    from data_pipeline.encode_latents import encode_shards
+    from tests.test_train import assert_same_weights, run_train
+
+    for keep in (True, False):
+        encode_shards(_pool_encoder, small_shards, tmp_path / f"lat_{keep}", batch_size=16, vae_name="pool",
+                      keep_images=keep)
+    lat = tmp_path / "lat_True"
+    common = [*repa_sets(encoder_file), "model.patch_size=2", "train.max_steps=6", "train.ckpt_every=3",
+              "train.log_every=1", "train.ema_decay=0.5", "train.deepspeed.zero_stage=0", "data.num_workers=1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_train(straight, lat, *common)
+    run_train(split, lat, *common, "train.max_steps=3")
+    run_train(split, lat, *common, resume="auto")
+    assert_same_weights(straight / "model_ema.safetensors", split / "model_ema.safetensors")
+    a, b = log_records(straight), log_records(split)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert all(abs(a[s][k] - b[s][k]) <= 1e-6 for s in a for k in ("loss", "repa_loss"))
+    meta = json.loads((straight / "checkpoints" / "step_0000006" / "meta.json").read_text())
+    assert meta["latent"]["shape"] == [4, 8, 8] and meta["repa"]["encoder"] == ENCODER
+    # latent shards without their images: one line naming the fix, exit 2 on every rank
+    out = run_train(tmp_path / "noimg", tmp_path / "lat_False", *common, expect=1)
+    assert "exitcode  : 2" in out and "encode_latents.py --keep-images" in out, out[-3000:]
