@@ -70,6 +70,21 @@ def _adapt(state: dict[str, Any], model: torch.nn.Module) -> dict[str, torch.Ten
     return adapt(state, model) if adapt is not None else state
 
 
+def encoder_input(images: torch.Tensor, resolution: int, mean: torch.Tensor, std: torch.Tensor,
+                  in_chans: int) -> torch.Tensor:
+    """Images (uint8 0..255, or float in [-1, 1]) [B, C, H, W] → an encoder's normalised float32 input
+    [B, in_chans, resolution, resolution]: one channel repeated to `in_chans`, bicubic resize (REPA's), then
+    (x - mean) / std with `mean`, `std` shaped [1, in_chans, 1, 1] on the images' device."""
+    x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float().add(1.0).mul(0.5)
+    if x.shape[1] != in_chans:
+        if x.shape[1] != 1:
+            raise ValueError(f"{x.shape[1]}-channel images for a {in_chans}-channel REPA encoder")
+        x = x.expand(-1, in_chans, -1, -1)
+    if x.shape[-1] != resolution or x.shape[-2] != resolution:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False)
+    return (x - mean) / std
+
+
 class FrozenEncoder:
     """A frozen timm ViT giving REPA's targets: `features(images, grid)` → [B, grid*grid, embed_dim].
 
@@ -93,15 +108,8 @@ class FrozenEncoder:
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Images → the encoder's normalised float32 input [B, in_chans, resolution, resolution]."""
-        x = images.to(self.device, non_blocking=True)
-        x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float().add(1.0).mul(0.5)
-        if x.shape[1] != self.in_chans:
-            if x.shape[1] != 1:
-                raise ValueError(f"{x.shape[1]}-channel images for a {self.in_chans}-channel REPA encoder")
-            x = x.expand(-1, self.in_chans, -1, -1)
-        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False)
-        return (x - self.mean) / self.std
+        return encoder_input(images.to(self.device, non_blocking=True), self.resolution, self.mean, self.std,
+                             self.in_chans)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, grid: int) -> torch.Tensor:

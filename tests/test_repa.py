@@ -539,3 +539,16 @@ def test_flow_with_repa_on_latents_reads_their_images_and_resumes_exactly(small_
     # latent shards without their images: one line naming the fix, exit 2 on every rank
     out = run_train(tmp_path / "noimg", tmp_path / "lat_False", *common, expect=1)
     assert "exitcode  : 2" in out and "encode_latents.py --keep-images" in out, out[-3000:]
+
+
+def test_images_come_in_pinned_memory_for_a_gpu(latents_with_images, monkeypatch):
+    """The trainer copies the images to the GPU with non_blocking=True: they must be pinned like x and y."""
+    from data_pipeline.loader import build_stream
+
+    _, lat = latents_with_images
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(self.dtype) or self)
+    stream = build_stream(lat, batch_size=4, with_images=True, pin_memory=True)
+    next(iter(stream))
+    assert pinned == [torch.float32, torch.int64, torch.uint8]
+    stream.close()
