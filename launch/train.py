@@ -240,9 +240,7 @@ class Trainer(TrainerBase):
     def _setup_repa(self, dit: DiT) -> REPAModel:
         """REPA: the trained module (DiT + projector on block repa.depth), the frozen encoder and, for latent
         shards, a stream that also yields the source images (see `_next_batch`)."""
-        r, manifest = self.cfg.repa, self.stream.manifest
-        if r.depth > dit.depth:
-            raise ConfigError(f"repa.depth: {r.depth} exceeds the model's {dit.depth} blocks (1-based block index)")
+        r, manifest = self.cfg.repa, self.stream.manifest  # (repa.depth <= the model's depth: the config checks)
         if manifest.get("kind") == "latent" and not manifest.get("images"):
             raise ConfigError(f"repa.enabled: the latent shards {self.cfg.data.shards} carry no source images for "
                               f"the encoder; re-encode them with data_pipeline/encode_latents.py --keep-images")
@@ -407,8 +405,9 @@ class Trainer(TrainerBase):
             out, self._projected = out
         return out.float()
 
-    def _micro_step(self) -> torch.Tensor:
-        """Forward and backward of one micro batch; returns its loss (a device scalar the host does not read).
+    def _micro_step(self) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro batch; returns its loss terms ("loss", and "repa_loss" under REPA:
+        device scalars the host does not read).
 
         A non-finite loss is multiplied into its own backward as NaN, so this rank's gradients become NaN, the
         gradient reduction carries that to every rank, and every rank skips the optimizer step."""
