@@ -264,7 +264,7 @@ class _BatchDataset(IterableDataset):
 
 # ------------------------------------------------------------------------------------------------ stream
 class ShardStream:
-    """An endless, resumable stream of ``(x, y)`` batches for one rank (see module docstring).
+    """An endless, resumable stream of ``(x, y)`` (or ``(x, y, images)``) batches for one rank (see module docstring).
 
     Made by :func:`build_stream` from a maker of batches: a :class:`BatchMaker` (local shards, or remote shards
     through a local cache in exact mode) or a ``StreamingMaker`` (remote shards streamed, resampled mode). Counters
