@@ -552,3 +552,18 @@ def test_images_come_in_pinned_memory_for_a_gpu(latents_with_images, monkeypatch
     next(iter(stream))
     assert pinned == [torch.float32, torch.int64, torch.uint8]
     stream.close()
+
+
+@pytest.mark.slow
+def test_ddpm_with_learned_sigma_trains_with_repa(small_shards, encoder_file, tmp_path):
+    """REPA on the DDPM objective (the hybrid loss with learned sigma): one forward per step, both terms logged."""
+    sets = [f"data.shards={small_shards}", "train.deepspeed.zero_stage=0", "train.max_steps=2", "train.log_every=1",
+            *[s for s in repa_sets(encoder_file) if not s.startswith(("diffusion.", "model."))]]
+    run = tmp_path / "ddpm"
+    proc = run_entry(["launch/train.py", "--config", TINY, "--run-dir", str(run),
+                      *sum((["--set", s] for s in sets), [])], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = log_records(run)
+    assert sorted(records) == [1, 2] and all(-1 <= r["repa_loss"] <= 1 and r["loss"] > 0 for r in records.values())
+    meta = json.loads((run / "checkpoints" / "step_0000002" / "meta.json").read_text())
+    assert "objective" not in meta["diffusion"] and meta["model"]["learn_sigma"] is True
