@@ -3,7 +3,8 @@
 A sample is read either from a local shard at known offsets (:class:`ShardReader`, the exact reader) or from the
 member bytes a streamed tar yields (``{"npy": b"...", "cls": b"3"}``, remote resampled mode); both give the same
 row. ``finish`` turns a filled batch into the float32 tensor the trainer gets (images scaled to [-1, 1]; latents
-``(z - shift) * scale``, z a fresh posterior sample for ``mean_std`` latents).
+``(z - shift) * scale``, z a fresh posterior sample for ``mean_std`` latents). Latent shards written with
+``encode_latents.py --keep-images`` can also give each latent's source image (:class:`LatentImageDecoder`).
 """
 from __future__ import annotations
 
@@ -225,6 +226,55 @@ class LatentDecoder(Decoder):
         return out
 
 
-def make_decoder(manifest: Dict[str, Any]) -> Decoder:
-    """The decoder of a manifest's kind."""
-    return ImageDecoder(manifest) if manifest["kind"] == "image" else LatentDecoder(manifest)
+class LatentImageDecoder(LatentDecoder):
+    """Latents and their source images (``encode_latents.py --keep-images``): a row holds the chosen twin and the
+    image, flipped exactly when the flipped twin is chosen; ``finish`` gives (latents, uint8 images [B, C, H, W]).
+
+    A batch is a numpy record array (fields ``lat`` and ``img``), so replacing a corrupt row copies both; an
+    unreadable image makes its sample corrupt like an unreadable latent."""
+
+    def __init__(self, manifest: Dict[str, Any]):
+        super().__init__(manifest)
+        images = manifest.get("images")
+        if not isinstance(images, dict):
+            raise ManifestError("the latent shards carry no source images (manifest key 'images'); re-encode them "
+                                "with data_pipeline/encode_latents.py --keep-images")
+        self.image = ImageDecoder(manifest)
+        first = images.get("format", self.image.exts[0])
+        self.image.exts = (first,) + tuple(e for e in self.image.exts if e != first)
+
+    def new_batch(self, n: int) -> np.ndarray:
+        """An uninitialised record batch of ``n`` (twin, image) rows."""
+        img = self.image.new_batch(1)
+        return np.empty(n, dtype=[("lat", self.dtype, self.sample_shape[1:]), ("img", img.dtype, img.shape[1:])])
+
+    def read(self, reader: ShardReader, shard: int, members: Members, flip: bool, out: np.ndarray, i: int) -> None:
+        """The chosen twin and the image (flipped with it) of a sample of a local shard into ``out[i]``."""
+        super().read(reader, shard, members, flip, out["lat"], i)
+        self.image.read(reader, shard, members, flip, out["img"], i)
+
+    def read_bytes(self, sample: Mapping[str, bytes], flip: bool, out: np.ndarray, i: int) -> None:
+        """The chosen twin and the image (flipped with it) of a streamed sample into ``out[i]``."""
+        super().read_bytes(sample, flip, out["lat"], i)
+        self.image.read_bytes(sample, flip, out["img"], i)
+
+    def invalid_rows(self, batch: np.ndarray) -> np.ndarray:
+        """Rows whose latents hold non-finite values."""
+        return super().invalid_rows(batch["lat"])
+
+    def finish(self, batch: np.ndarray, noise_seed: int) -> Tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        """(the normalised float32 latents as `LatentDecoder.finish`, the uint8 images [B, C, H, W])."""
+        x = super().finish(batch["lat"], noise_seed)
+        n, h, w, c = batch["img"].shape
+        images = torch.empty((n, c, h, w), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            images.share_memory_()
+        images.numpy()[...] = batch["img"].transpose(0, 3, 1, 2)
+        return x, images
+
+
+def make_decoder(manifest: Dict[str, Any], with_images: bool = False) -> Decoder:
+    """The decoder of a manifest's kind; ``with_images``: latents with their source images (latent shards only)."""
+    if manifest["kind"] == "image":
+        return ImageDecoder(manifest)
+    return LatentImageDecoder(manifest) if with_images else LatentDecoder(manifest)

@@ -13,6 +13,10 @@ flipping as an augmentation. Stored (``latent.stored``):
   when it encodes on the fly; storing one sample (as fast-DiT does) freezes that noise for the whole run.
 * ``sample``: ``key.npy`` float16 ``[2 (image, hflip), C, H, W]``, one posterior sample (half the bytes).
 
+With ``--keep-images`` each sample also keeps its source image, the input member's bytes as they are (e.g.
+``key.png``), for what needs the pixels of a latent: REPA's image encoder (the loader's ``with_images``, which
+flips the image exactly when it hands out the flipped twin). The manifest then has ``images: {"format": EXT}``.
+
 The manifest's ``latent`` block records the VAE, the latent shape, the per-channel mean/std of z over the dataset
 (both twins; for mean_std the variance includes the posterior's) and the normalisation the trainer must use:
 ``shift = mean, scale = 1/std`` by default, or ``shift = 0, scale = --scale-factor`` (e.g. the SD-VAE's 0.18215).
@@ -94,8 +98,10 @@ def _encode_batch(encode_fn: EncodeFn, images: List[np.ndarray], stored: str, no
 
 
 def _encode_shard(encode_fn: EncodeFn, reader: ShardReader, shard: int, in_manifest: Dict[str, Any],
-                  out_path: Path, *, batch_size: int, stored: str, seed: int, stats: _Stats) -> Dict[str, Any]:
-    """Encode one input shard into ``out_path``; its manifest entry, skipped inputs and latent shape."""
+                  out_path: Path, *, batch_size: int, stored: str, seed: int, stats: _Stats,
+                  keep_images: bool = False) -> Dict[str, Any]:
+    """Encode one input shard into ``out_path`` (with ``keep_images``, each sample's source image member beside its
+    latent); its manifest entry, skipped inputs and latent shape."""
     entry = in_manifest["shards"][shard]
     index = reader.index(shard)
     skipped = []
@@ -109,7 +115,7 @@ def _encode_shard(encode_fn: EncodeFn, reader: ShardReader, shard: int, in_manif
     exts = (first,) + tuple(e for e in IMAGE_EXTS if e != first)
     shape = None
     with ShardWriter(out_path) as w:
-        pending: List[Tuple[str, np.ndarray, Optional[bytes]]] = []
+        pending: List[Tuple[str, np.ndarray, Optional[bytes], Dict[str, bytes]]] = []
 
         def flush(batch_no: int) -> None:
             nonlocal shape
@@ -118,8 +124,8 @@ def _encode_shard(encode_fn: EncodeFn, reader: ShardReader, shard: int, in_manif
             lats = _encode_batch(encode_fn, [p[1] for p in pending], stored, mix64(seed, shard, batch_no) >> 1,
                                  stats)
             shape = list(lats[0].shape[-3:])
-            for (key, _, cls), lat in zip(pending, lats):
-                members = {"npy": _npy_bytes(lat)}
+            for (key, _, cls, image), lat in zip(pending, lats):
+                members = {"npy": _npy_bytes(lat), **image}
                 if cls is not None:
                     members["cls"] = cls
                 w.write(key, members)
@@ -128,10 +134,11 @@ def _encode_shard(encode_fn: EncodeFn, reader: ShardReader, shard: int, in_manif
         batch_no = 0
         for key, members in zip(index.keys, index.samples):
             try:
-                loc = next((members[e] for e in exts if e in members), None)
-                if loc is None:
+                ext = next((e for e in exts if e in members), None)
+                if ext is None:
                     raise ValueError("no image member")
-                img = decode_to_array(reader.read(shard, *loc), channels, size)
+                data = reader.read(shard, *members[ext])
+                img = decode_to_array(data, channels, size)
                 cls_loc = members.get("cls")
                 cls = reader.read(shard, *cls_loc) if cls_loc else None
                 if cls is not None:
@@ -139,7 +146,7 @@ def _encode_shard(encode_fn: EncodeFn, reader: ShardReader, shard: int, in_manif
             except Exception as err:  # corrupt input sample: skip and list it
                 skipped.append({"input": f"{entry['name']}:{key}", "reason": str(err)})
                 continue
-            pending.append((key, img, cls))
+            pending.append((key, img, cls, {ext: data} if keep_images else {}))
             if len(pending) == batch_size:
                 flush(batch_no)
                 batch_no += 1
@@ -165,7 +172,8 @@ def _image_shards(in_spec: str | os.PathLike) -> tuple[Dict[str, Any], List[str]
 
 
 def _merge_manifest(parts: Sequence[Dict[str, Any]], in_spec: str | os.PathLike, in_manifest: Dict[str, Any],
-                    image_shards: str, vae_name: str, stored: str, scale_factor: Optional[float]) -> Dict[str, Any]:
+                    image_shards: str, vae_name: str, stored: str, scale_factor: Optional[float],
+                    keep_images: bool = False) -> Dict[str, Any]:
     """Rank 0: the latent manifest from every rank's part (shards, the latents' channel statistics)."""
     shards = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["name"])
     with_data = [p for p in parts if p["n"]]
@@ -181,7 +189,8 @@ def _merge_manifest(parts: Sequence[Dict[str, Any]], in_spec: str | os.PathLike,
         shift, scale = mean.tolist(), (1.0 / std).tolist()
     else:
         shift, scale = [0.0] * len(mean), [float(scale_factor)] * len(mean)
-    return {"kind": "latent", "shards": shards, "total": sum(s["num_samples"] for s in shards),
+    images = {"images": {"format": in_manifest.get("image_format", "png")}} if keep_images else {}
+    return {"kind": "latent", "shards": shards, "total": sum(s["num_samples"] for s in shards), **images,
             "image_size": in_manifest["image_size"], "channels": in_manifest["channels"],
             "class_names": in_manifest["class_names"], "source": in_manifest.get("source"),
             "split": in_manifest.get("split"), "image_shards": image_shards, "command": parts[0]["command"],
@@ -194,10 +203,11 @@ def _merge_manifest(parts: Sequence[Dict[str, Any]], in_spec: str | os.PathLike,
 def encode_shards(encode_fn: EncodeFn, in_spec: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int = 0,
                   world_size: int = 1, batch_size: int = 64, vae_name: str = "", stored: str = "mean_std",
                   scale_factor: Optional[float] = None, seed: int = 0, command: Optional[str] = None,
-                  merge_timeout: float = 24 * 3600.0) -> Optional[Dict[str, Any]]:
+                  merge_timeout: float = 24 * 3600.0, keep_images: bool = False) -> Optional[Dict[str, Any]]:
     """Encode this rank's share of the image shards ``in_spec`` into latent shards in ``out_dir``.
 
     ``encode_fn(x)`` takes images in [-1, 1], float32 ``[B, C, H, W]`` and returns the posterior ``(mean, std)``.
+    ``keep_images``: store each sample's source image member beside its latent (manifest ``images``).
     Rank 0 waits for the other ranks, writes the merged manifest and returns it; other ranks return None.
     """
     if stored not in LAYOUTS:
@@ -216,7 +226,7 @@ def encode_shards(encode_fn: EncodeFn, in_spec: str | os.PathLike, out_dir: str 
     results = []
     for shard in range(rank, len(paths), world_size):
         res = _encode_shard(encode_fn, reader, shard, in_manifest, out_dir / in_manifest["shards"][shard]["name"],
-                            batch_size=batch_size, stored=stored, seed=seed, stats=stats)
+                            batch_size=batch_size, stored=stored, seed=seed, stats=stats, keep_images=keep_images)
         log.info("rank %d: %s: %d latents", rank, res["name"], res["num_samples"])
         results.append(res)
     reader.close()
@@ -224,7 +234,8 @@ def encode_shards(encode_fn: EncodeFn, in_spec: str | os.PathLike, out_dir: str 
     if len(shapes) > 1:
         raise ValueError(f"encode_fn returned latents of different shapes {sorted(shapes)}")
     signature = {"in": str(Path(paths[0]).parent.resolve()) if paths else str(in_spec), "stored": stored,
-                 "vae": vae_name, "seed": seed, "scale_factor": scale_factor, "shards": len(paths)}
+                 "vae": vae_name, "seed": seed, "scale_factor": scale_factor, "shards": len(paths),
+                 "keep_images": keep_images}
     body = {"shards": [{"name": r["name"], "num_samples": r["num_samples"], "bytes": r["bytes"]}
                        for r in results if r["num_samples"]],
             "skipped": [s for r in results for s in r["skipped"]],
@@ -234,7 +245,7 @@ def encode_shards(encode_fn: EncodeFn, in_spec: str | os.PathLike, out_dir: str 
             "command": command if command is not None else mf.command_line()}
     return mf.finish_manifest(out_dir, rank, world_size, signature, body,
                               lambda parts: _merge_manifest(parts, in_spec, in_manifest, signature["in"], vae_name,
-                                                            stored, scale_factor), timeout=merge_timeout)
+                                                            stored, scale_factor, keep_images), timeout=merge_timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default cuda:LOCAL_RANK if CUDA is available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the stored posterior samples (--stored sample)")
     p.add_argument("--merge-timeout", type=float, default=24 * 3600.0)
+    p.add_argument("--keep-images", action="store_true", help="store each sample's source image beside its latent "
+                                                              "(REPA's encoder needs the pixels: repa.enabled)")
     p.add_argument("--no-tf32", action="store_true", help="GPUs: exact fp32 in the VAE (default: TF32 matmuls and "
                                                          "convolutions on Ampere and newer)")
     return p
@@ -272,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         manifest = encode_shards(vae.encode, args.shards, args.out, rank=rank, world_size=world,
                                  batch_size=args.batch_size, vae_name=getattr(vae, "name", str(args.vae)),
                                  stored=args.stored, scale_factor=args.scale_factor, seed=args.seed,
-                                 merge_timeout=args.merge_timeout)
+                                 merge_timeout=args.merge_timeout, keep_images=args.keep_images)
     except (ValueError, TimeoutError, OSError, DeviceLayoutError) as err:
         print(f"encode_latents: error: {err}", file=sys.stderr)
         return 2

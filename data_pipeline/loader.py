@@ -6,6 +6,10 @@
 * x float32 ``[B, C, H, W]``: images scaled to [-1, 1], or latents ``(z - shift) * scale`` with the manifest's
   shift/scale, where z is a fresh posterior sample ``mean + std * eps`` (``stored == "mean_std"``) or the stored
   sample; y int64 ``[B]`` (zeros when unconditional).
+* ``with_images=True`` (latent shards written with ``encode_latents.py --keep-images``): ``(x, y, images)``, images
+  uint8 ``[B, C, H, W]``, each the latent's source image, flipped exactly when its flipped twin is handed out (a
+  corrupt sample's replacement brings its own image). The batches, their order and ``position()`` are those of
+  the same stream without images.
 * The batch sequence is a pure function of (seed, manifest counts, rank, world size, batch size, mode, shuffle
   buffer), see :mod:`data_pipeline.order`: flips are a function of (seed, epoch, sample id), latent noise of
   (seed, epoch, rank, batch). Workers split a rank's batches round-robin (worker w makes batches w, w+W, ...), which
@@ -82,7 +86,8 @@ class BatchMaker:
 
     def __init__(self, manifest: Dict[str, Any], paths: List[str], *, seed: int, rank: int, world_size: int,
                  batch_size: int, mode: str, shuffle_buffer: int, flip: bool,
-                 available: Optional[np.ndarray] = None, cache: Optional[ShardCache] = None):
+                 available: Optional[np.ndarray] = None, cache: Optional[ShardCache] = None,
+                 with_images: bool = False):
         self.manifest = manifest
         self.paths = paths
         self.cache = cache  # remote shards (exact mode): fetched into this local cache on first use
@@ -96,7 +101,7 @@ class BatchMaker:
         # a cache evicts files that readers may still hold open: fewer open descriptors bound the space they keep
         self.reader = ShardReader(paths, expected=self.counts.tolist(), max_open=64 if cache is None else 8,
                                   fetch=None if cache is None else cache.fetch)
-        self.decoder = make_decoder(manifest)
+        self.decoder = make_decoder(manifest, with_images)
         self._cached_epoch: Optional[int] = None
         self._cached_order: Optional[np.ndarray] = None
         self._warned: set = set()
@@ -167,9 +172,10 @@ class BatchMaker:
                                 err, "; no more such warnings from this process" if last else "")
             return None
 
-    def batch(self, g: int) -> Tuple[torch.Tensor, torch.Tensor, int, Tuple[Tuple[str, str], ...]]:
+    def batch(self, g: int) -> Tuple[Any, torch.Tensor, int, Tuple[Tuple[str, str], ...]]:
         """(x, y, number of corrupt samples replaced, shards this process found bad since its last batch as
-        (name, reason) pairs: resampled mode only, usually empty) of batch ``g``."""
+        (name, reason) pairs: resampled mode only, usually empty) of batch ``g``; x is (x, images) when the
+        stream has images."""
         epoch, j = divmod(g, self.batches_per_epoch)
         order = self.order(epoch)
         if self.cache is not None:
@@ -258,7 +264,7 @@ class _BatchDataset(IterableDataset):
 
 # ------------------------------------------------------------------------------------------------ stream
 class ShardStream:
-    """An endless, resumable stream of ``(x, y)`` batches for one rank (see module docstring).
+    """An endless, resumable stream of ``(x, y)`` (or ``(x, y, images)``) batches for one rank (see module docstring).
 
     Made by :func:`build_stream` from a maker of batches: a :class:`BatchMaker` (local shards, or remote shards
     through a local cache in exact mode) or a ``StreamingMaker`` (remote shards streamed, resampled mode). Counters
@@ -369,7 +375,7 @@ class ShardStream:
             self._epoch_corrupt = 0
 
     # -- iteration
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, ...]]:
         """Yield batches forever from the current position (one active iterator per stream). A data error
         (``NoReadableSamplesError``, ``ShardError``) is raised as itself, also from a worker, the workers stopped."""
         self.close()
@@ -378,9 +384,10 @@ class ShardStream:
             while True:
                 x, y, bad, new_bad = next(batches)
                 self._account(bad, new_bad)
+                batch = _batch_tuple(x, y)
                 if self.pin_memory:  # what the DataLoader's pinning thread does with workers
-                    x, y = x.pin_memory(), y.pin_memory()
-                yield x, y
+                    batch = tuple(t.pin_memory() for t in batch)
+                yield batch
         self.maker.prepare(self.epoch)
         loader = DataLoader(_BatchDataset(self.maker, self._consumed), batch_size=None,
                             num_workers=self.num_workers, pin_memory=self.pin_memory,
@@ -392,7 +399,7 @@ class ShardStream:
                     raise item.error
                 x, y, bad, new_bad = item
                 self._account(int(bad), new_bad)
-                yield x, y
+                yield _batch_tuple(x, y)
         except Exception:
             self.close()  # no worker outlives a failed stream
             raise
@@ -414,6 +421,11 @@ class ShardStream:
             self.close()
         except Exception:
             pass
+
+
+def _batch_tuple(x: Any, y: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """What the stream yields: (x, y), or (x, y, images) when a maker's x is (latents, images)."""
+    return (x[0], y, x[1]) if isinstance(x, (tuple, list)) else (x, y)
 
 
 def _missing_shards(manifest: Dict[str, Any], paths: List[str], mode: str, rank: int) -> List[int]:
@@ -440,26 +452,42 @@ def _missing_shards(manifest: Dict[str, Any], paths: List[str], mode: str, rank:
 
 
 def _local_maker(manifest: Dict[str, Any], paths: List[str], common: Dict[str, Any],
-                 bad_shards: Dict[str, str]) -> BatchMaker:
+                 bad_shards: Dict[str, str], with_images: bool = False) -> BatchMaker:
     missing = _missing_shards(manifest, paths, common["mode"], common["rank"])
     available = None
     if missing:
         available = np.ones(len(paths), dtype=bool)
         available[missing] = False
         bad_shards.update((os.path.basename(paths[i]), "missing on disk") for i in missing)
-    return BatchMaker(manifest, paths, available=available, **common)
+    return BatchMaker(manifest, paths, available=available, with_images=with_images, **common)
 
 
-def _remote_maker(spec: str, common: Dict[str, Any], opts: RemoteOptions) -> Tuple[Dict[str, Any], Maker]:
+def _remote_maker(spec: str, common: Dict[str, Any], opts: RemoteOptions,
+                  with_images: bool = False) -> Tuple[Dict[str, Any], Maker]:
     rs = parse_remote_spec(spec)
     manifest = read_manifest(rs, opts)
     _check_batches(rs.label, manifest, common)
+    _check_images(rs.label, manifest, with_images)
     locations = [rs.location(s["name"]) for s in manifest["shards"]]
     if common["mode"] == "resampled":
         kw = {k: v for k, v in common.items() if k != "mode"}
-        return manifest, StreamingMaker(manifest, rs.label, locations, opts=opts, **kw)
+        maker = StreamingMaker(manifest, rs.label, locations, opts=opts, **kw)
+        if with_images:  # the streamed samples carry their image members: decode them too
+            maker.decoder = make_decoder(manifest, with_images=True)
+        return manifest, maker
     cache = ShardCache(rs.label, redact(rs.manifest_location), locations, manifest, opts)
-    return manifest, BatchMaker(manifest, cache.paths, cache=cache, **common)
+    return manifest, BatchMaker(manifest, cache.paths, cache=cache, with_images=with_images, **common)
+
+
+def _check_images(label: str, manifest: Dict[str, Any], with_images: bool) -> None:
+    """``with_images`` needs latent shards that carry their source images."""
+    if not with_images:
+        return
+    if manifest.get("kind") != "latent":
+        raise ManifestError(f"{label}: with_images is for latent shards; image shards' x is the image itself")
+    if not isinstance(manifest.get("images"), dict):
+        raise ManifestError(f"{label}: the latent shards carry no source images; re-encode them with "
+                            f"data_pipeline/encode_latents.py --keep-images")
 
 
 def _check_batches(label: str, manifest: Dict[str, Any], common: Dict[str, Any]) -> None:
@@ -473,13 +501,14 @@ def build_stream(spec: str | os.PathLike, *, batch_size: int, rank: int = 0, wor
                  num_workers: int = 0, seed: int = 0, mode: str = "exact", shuffle_buffer: int = 1000,
                  flip: bool = True, position: Optional[Dict[str, Any]] = None, pin_memory: bool = False,
                  prefetch_factor: int = 2, timeout: float = 60.0, retries: int = 3, retry_backoff: float = 1.0,
-                 cache_dir: Optional[str] = None, cache_max_gb: float = 100.0) -> ShardStream:
+                 cache_dir: Optional[str] = None, cache_max_gb: float = 100.0, with_images: bool = False) -> ShardStream:
     """The training stream of shard spec ``spec`` for ``rank`` of ``world_size``; see the module docstring for the
     guarantees. ``spec``: a directory with manifest.json, a manifest path, or a brace pattern of shards; or a
     remote spec (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``; see :mod:`data_pipeline.remote`): resampled
     mode streams those shards, exact mode reads them from a local cache (``cache_dir``, at most ``cache_max_gb``,
     see :mod:`data_pipeline.shard_cache`). Remote reads wait at most ``timeout`` seconds for data and are retried
-    ``retries`` times (backoff from ``retry_backoff`` seconds, doubling).
+    ``retries`` times (backoff from ``retry_backoff`` seconds, doubling). ``with_images``: yield (x, y, images)
+    from latent shards that carry their source images (``encode_latents.py --keep-images``).
 
     Raises ManifestError (ShardError for shards missing on disk or of the wrong size: exact mode, or resampled
     mode with no shard left) in one line naming the file; remote specs: a manifest that cannot be read likewise."""
@@ -498,10 +527,11 @@ def build_stream(spec: str | os.PathLike, *, batch_size: int, rank: int = 0, wor
         opts = RemoteOptions(timeout=timeout, retries=retries, retry_backoff=retry_backoff, cache_dir=cache_dir,
                              cache_max_gb=cache_max_gb)
         opts.check()
-        manifest, maker = _remote_maker(os.fspath(spec), common, opts)
+        manifest, maker = _remote_maker(os.fspath(spec), common, opts, with_images)
     else:
         manifest, paths = load_spec(spec)
         _check_batches(str(spec), manifest, common)
-        maker = _local_maker(manifest, paths, common, bad_shards)
+        _check_images(str(spec), manifest, with_images)
+        maker = _local_maker(manifest, paths, common, bad_shards, with_images)
     return ShardStream(manifest, maker, mode=mode, num_workers=num_workers, position=position,
                        pin_memory=pin_memory, prefetch_factor=prefetch_factor, bad_shards=bad_shards)

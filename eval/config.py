@@ -249,6 +249,19 @@ class VAEConfig:
 
 
 @dataclass
+class REPAConfig:
+    """REPA (launch/train.py): align block `depth`'s tokens with a frozen image encoder's patch features."""
+
+    enabled: bool = False  # add lambda * REPA loss (negative cosine to the encoder's patch features) to the training loss
+    depth: int = bounded(8, 1, 1024)  # k: the 1-based DiT block whose output tokens are projected (REPA: 8 for XL); at most the model's depth
+    weight: float = bounded(0.5, 0.0, 100.0)  # lambda of the REPA loss (REPA: 0.5)
+    encoder: str = "vit_base_patch14_dinov2.lvd142m"  # a timm model name (built without download, weights from encoder_weights)
+    encoder_weights: Optional[str] = None  # local weights file of the encoder (.safetensors or torch state dict); required when enabled
+    projector_dim: int = bounded(2048, 1, 65536)  # hidden width of the 3-layer SiLU MLP projector (REPA: 2048)
+    encoder_resolution: int = bounded(224, 1, 4096, why=SIDE_WHY)  # images are resized to this side for the encoder (REPA: 224 for DINOv2); a multiple of its patch size
+
+
+@dataclass
 class Config:
     """The whole run: every entry point reads the sections it needs."""
 
@@ -259,6 +272,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
+    repa: REPAConfig = field(default_factory=REPAConfig)
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -485,9 +499,26 @@ def _check_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.input_size: {m.input_size} is not a multiple of {patch_name}")
 
 
+def _check_repa(cfg: Config) -> None:
+    """The `repa` section against the model: a block that exists, and the encoder's weights named."""
+    r = cfg.repa
+    if not r.enabled:
+        return
+    m = cfg.model
+    depth = m.depth if m.depth is not None else (preset_kwargs(m.name)["depth"] if m.name in DiT_models else None)
+    if depth is not None and r.depth > depth:
+        raise ConfigError(f"repa.depth: {r.depth} exceeds the model's {depth} blocks (1-based block index)")
+    if not r.encoder_weights:
+        raise ConfigError(f"repa.encoder_weights: required when repa.enabled (a local weights file of "
+                          f"{r.encoder!r}; nothing is downloaded)")
+    if not r.encoder:
+        raise ConfigError("repa.encoder: empty; name a timm model (e.g. vit_base_patch14_dinov2.lvd142m)")
+
+
 def _check_semantics(cfg: Config) -> None:
     """Cross-field checks that a type or a range cannot express."""
     _check_model(cfg.model)
+    _check_repa(cfg)
     d = cfg.diffusion
     if d.noise_schedule == "linear" and d.diffusion_steps <= 20:
         raise ConfigError(f"diffusion.diffusion_steps: {d.diffusion_steps} is too few for the linear schedule (its "

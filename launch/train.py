@@ -28,10 +28,11 @@ if not torch.cuda.is_available():
 from data_pipeline.devices import configure_tf32
 from data_pipeline.dist_env import DistInfo
 from data_pipeline.files import atomic_save_safetensors
-from data_pipeline.loader import STREAM_ERRORS, NoReadableSamplesError, ShardError
+from data_pipeline.loader import STREAM_ERRORS, NoReadableSamplesError, ShardError, build_stream
 from dit.cpu import accelerate
 from dit.models import DiT
 from dit.processes import create_process
+from dit.repa import REPAModel
 from eval.checkpoints import EMA_FILE, CheckpointError, load_safetensors_file
 from eval.config import Config, ConfigError, config_to_dict
 from eval.fid import evaluate_checkpoint
@@ -42,8 +43,9 @@ from launch import optimizer_state
 from launch.builders import deepspeed_config, diffusion_kwargs, latent_record, model_kwargs
 from launch.deferred import DeferredReadback
 from launch.engine_ema import EngineEMA
-from launch.loss import training_loss
-from launch.trainer_base import TrainerBase, TrainingStopped, exit_now, run_main
+from launch.loss import training_loss, with_alignment
+from launch.repa import EncoderWeightsMissing, FrozenEncoder, load_encoder
+from launch.trainer_base import TrainerBase, TrainingStopped, exit_now, run_main, stream_options
 
 log = logging.getLogger("launch.train")
 
@@ -135,6 +137,14 @@ def clip_and_check_grads(grads: list[torch.Tensor], max_norm: float,
     return total, finite
 
 
+def _trained_flops_per_sample(model: torch.nn.Module) -> float:
+    """Forward FLOPs per sample of what the optimizer trains, for the MFU: the DiT, and REPA's projector (the
+    frozen encoder's forward is not counted)."""
+    if isinstance(model, REPAModel):
+        return model.dit.model_flops_per_sample() + model.projector_flops_per_sample()
+    return model.model_flops_per_sample()
+
+
 def _engine_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config (`launch.builders.deepspeed_config`) with two per-step savings that compute the same.
 
@@ -174,10 +184,13 @@ class Trainer(TrainerBase):
         self.diffusion_kwargs = diffusion_kwargs(cfg)
         self.latent = latent_record(manifest)
         self.num_classes = self.model_kwargs["num_classes"]
-        model = DiT(**self.model_kwargs)
+        dit = DiT(**self.model_kwargs)
         if info.device.type == "cpu":
-            accelerate(model)  # dit.cpu: bf16 speed-ups on a CPU; the plain model's parameters and results
+            accelerate(dit)  # dit.cpu: bf16 speed-ups on a CPU; the plain model's parameters and results
         self.diffusion = create_process(**self.diffusion_kwargs)
+        self.encoder: Optional[FrozenEncoder] = None  # REPA: the frozen encoder, the last forward's projection
+        self._projected: Optional[torch.Tensor] = None
+        model = self._setup_repa(dit) if cfg.repa.enabled else dit
         # fused: one kernel for all parameters on GPUs (and CPUs), and it can skip a step on the device
         # (`found_inf`, see `_check_and_clip`)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
@@ -197,8 +210,9 @@ class Trainer(TrainerBase):
             log.info("ZeRO-%d on one rank partitions nothing but still copies every gradient into its flat buffers "
                      "(+25-35 %% per CPU step, benchmarks/RESULTS.md); train.deepspeed.zero_stage=0 computes the "
                      "same", cfg.train.deepspeed.zero_stage)
-        self.ema = EngineEMA(self.engine.module, cfg.train.ema_decay, cfg.train.ema_every)
-        self.flops_per_sample = 3.0 * model.model_flops_per_sample()
+        # the EMA, the exports and the samples hold the DiT alone (REPA's projector is not part of the sampler)
+        self.ema = EngineEMA(self._dit_module(), cfg.train.ema_decay, cfg.train.ema_every)
+        self.flops_per_sample = 3.0 * _trained_flops_per_sample(model)
         self.tf32 = configure_tf32(info.device, cfg.train.tf32)
         self.peak_flops = _peak_flops(info.device, cfg.train.precision, self.tf32)
         self._generator = None  # EMA model + VAE for grids and evaluation, built on first use
@@ -222,6 +236,41 @@ class Trainer(TrainerBase):
         # the step never reads one (tests/support/host_reads.py checks it with this set as on a GPU).
         self.host_reads = dev.type == "cpu"
 
+    # ------------------------------------------------------------------------------------------------ REPA
+    def _setup_repa(self, dit: DiT) -> REPAModel:
+        """REPA: the trained module (DiT + projector on block repa.depth), the frozen encoder and, for latent
+        shards, a stream that also yields the source images (see `_next_batch`)."""
+        r, manifest = self.cfg.repa, self.stream.manifest  # (repa.depth <= the model's depth: the config checks)
+        if manifest.get("kind") == "latent" and not manifest.get("images"):
+            raise ConfigError(f"repa.enabled: the latent shards {self.cfg.data.shards} carry no source images for "
+                              f"the encoder; re-encode them with data_pipeline/encode_latents.py --keep-images")
+        # timm initialises the encoder randomly before its weights are loaded: with the global RNG put back, the
+        # projector's initial weights do not depend on the encoder's size (the DiT's are drawn before it anyway)
+        with torch.random.fork_rng(devices=[]):
+            encoder = load_encoder(r, self.info.device, bf16=self.cfg.train.precision == "bf16")
+        model = REPAModel(dit, r.depth, r.projector_dim, encoder.embed_dim)
+        self.encoder = encoder
+        if manifest.get("kind") == "latent":
+            position = self.stream.position()
+            self.stream.close()
+            self.stream = build_stream(self.cfg.data.shards, position=position, with_images=True,
+                                       **stream_options(self.cfg, self.info, self.micro))
+        return model
+
+    def _dit_module(self) -> torch.nn.Module:
+        """The DiT inside the engine (REPA wraps it with its projector)."""
+        module = self.engine.module
+        return module.dit if isinstance(module, REPAModel) else module
+
+    def repa_record(self) -> Optional[dict[str, Any]]:
+        """The REPA settings a checkpoint records (a resume with others is refused); None without REPA. The
+        weights file's path is left out: the same encoder may live elsewhere on another cluster."""
+        r = self.cfg.repa
+        if not r.enabled:
+            return None
+        return {"depth": r.depth, "weight": r.weight, "encoder": r.encoder, "projector_dim": r.projector_dim,
+                "encoder_resolution": r.encoder_resolution}
+
     # -------------------------------------------------------------------------------------- checkpointing
     def run_record(self) -> dict[str, Any]:
         return {"tf32": self.tf32, "device": str(self.info.device),
@@ -229,7 +278,8 @@ class Trainer(TrainerBase):
 
     def model_meta(self) -> dict[str, Any]:
         # the ZeRO stage is not part of it: the optimizer state loads at any stage (launch/optimizer_state.py)
-        return {"model": self.model_kwargs, "diffusion": self.diffusion_kwargs, "latent": self.latent}
+        return {"model": self.model_kwargs, "diffusion": self.diffusion_kwargs, "latent": self.latent,
+                "repa": self.repa_record()}
 
     def _header(self) -> dict[str, Any]:
         """The `ditstack` metadata of a consolidated EMA file (see docs/ARCHITECTURE.md)."""
@@ -348,28 +398,38 @@ class Trainer(TrainerBase):
     def _model_fn(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
                   force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         # bf16: the engine opens the autocast itself (the `torch_autocast` section of its config)
-        return self.engine(x, t, y, force_drop_ids=force_drop_ids).float()
+        out = self.engine(x, t, y, force_drop_ids=force_drop_ids)
+        if self.encoder is not None:  # REPA: (prediction, projected tokens of block repa.depth)
+            out, self._projected = out
+        return out.float()
 
-    def _micro_step(self) -> torch.Tensor:
-        """Forward and backward of one micro batch; returns its loss (a device scalar the host does not read).
+    def _micro_step(self) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro batch; returns its loss terms ("loss", and "repa_loss" under REPA:
+        device scalars the host does not read).
 
         A non-finite loss is multiplied into its own backward as NaN, so this rank's gradients become NaN, the
         gradient reduction carries that to every rank, and every rank skips the optimizer step."""
-        x, y = self._next_batch()
+        x, y, *images = self._next_batch()
         x = x.to(self.info.device, non_blocking=True)
         y = y.to(self.info.device, non_blocking=True)
+        # REPA's targets: the frozen encoder's patch features of the clean images (pixel space: x itself)
+        features = self.encoder.features(images[0] if images else x, self.engine.module.grid) \
+            if self.encoder is not None else None
         loss = training_loss(self._model_fn, self.diffusion, x, y, num_classes=self.num_classes,
                              class_dropout_prob=self.model_kwargs["class_dropout_prob"], generator=self.gen)
+        total, terms = with_alignment(loss, self._projected, features, self.cfg.repa.weight)
+        self._projected = None
         if self._data_failure is not None:
-            loss = loss * float("nan")  # this rank has no data: every rank skips the step, then all stop together
-        loss = loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))  # x1 when finite: the same gradient
+            total = total * float("nan")  # this rank has no data: every rank skips the step, then all stop together
+        total = total * torch.where(torch.isfinite(total), 1.0, float("nan"))  # x1 when finite: the same gradient
         with contextlib.nullcontext() if self.reduce_grads else self.engine.no_sync():
-            self.engine.backward(loss)
-        return loss.detach()
+            self.engine.backward(total)
+        return {k: v.detach() for k, v in terms.items()}
 
-    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next micro batch; on a rank whose data is unreadable, a placeholder batch (the failure is carried
-        to every rank through the step flags, see `step_end`, instead of this rank dying alone mid-collective)."""
+    def _next_batch(self) -> tuple[torch.Tensor, ...]:
+        """The next micro batch (x, y), or (x, y, images) from latent shards under REPA; on a rank whose data is
+        unreadable, a placeholder batch (the failure is carried to every rank through the step flags, see
+        `step_end`, instead of this rank dying alone mid-collective)."""
         if self._data_failure is None:
             try:
                 return next(self.iterator)
@@ -379,7 +439,11 @@ class Trainer(TrainerBase):
                 self._data_failure = (type(err).__name__, str(err))
         shape = (self.micro, self.model_kwargs["in_channels"], self.model_kwargs["input_size"],
                  self.model_kwargs["input_size"])
-        return torch.zeros(shape), torch.zeros(self.micro, dtype=torch.long)
+        batch: tuple[torch.Tensor, ...] = (torch.zeros(shape), torch.zeros(self.micro, dtype=torch.long))
+        if self.encoder is not None and self.latent is not None:
+            size, channels = int(self.data_info["image_size"]), int(self.data_info["channels"])
+            batch += (torch.zeros((self.micro, channels, size, size), dtype=torch.uint8),)
+        return batch
 
     def _check_and_clip(self) -> Optional[torch.Tensor]:
         """ZeRO-0, before the optimizer step: the grad norm of the full gradients, clipped in place.
@@ -402,10 +466,10 @@ class Trainer(TrainerBase):
         device; ZeRO 1-3 inside DeepSpeed). The device counts the run of skipped steps; `step_end` reads it one
         step later and stops the run after `train.max_bad_steps` in a row.
         """
-        losses: list[torch.Tensor] = []
+        terms: list[dict[str, torch.Tensor]] = []
         grad_norm: Any = None
         for _ in range(self.accum):
-            losses.append(self._micro_step())
+            terms.append(self._micro_step())
             norm = self._check_and_clip()
             grad_norm = norm if norm is not None else grad_norm
             self.engine.step()
@@ -417,7 +481,7 @@ class Trainer(TrainerBase):
         self.nonfinite_count = self.nonfinite_count + (~applied).long()
         self.step += 1
         self.ema.after_step(self.step, applied)
-        metrics: dict[str, Any] = {"loss": torch.stack(losses).mean()}
+        metrics: dict[str, Any] = {k: torch.stack([t[k] for t in terms]).mean() for k in terms[0]}
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         return metrics
@@ -474,7 +538,8 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path, header: dict[s
 # ------------------------------------------------------------------------------------------------ entry point
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the DiT trainer; returns the exit status."""
-    return run_main(Trainer, __doc__.split("\n")[0], argv, input_errors=(InceptionWeightsMissing,))
+    return run_main(Trainer, __doc__.split("\n")[0], argv, input_errors=(InceptionWeightsMissing,
+                                                                          EncoderWeightsMissing))
 
 
 if __name__ == "__main__":
