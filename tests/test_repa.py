@@ -3,7 +3,6 @@ and launch/train.py with REPA end to end (2 ranks, exact resume, ZeRO-3, exports
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
