@@ -38,7 +38,7 @@ def write_parts(parts: Path, n: int, world: int, batch: int, size: int = 8, chan
 class FakeGenerator:
     """Stands in for eval.inference.Generator when every sample is already on disk (nothing is generated)."""
 
-    num_classes, device = 5, torch.device("cpu")
+    num_classes, device, objective = 5, torch.device("cpu"), "ddpm"
 
     def sample_batch(self, *args, **kwargs):
         raise AssertionError("no sample should be generated: the part files hold them all")
